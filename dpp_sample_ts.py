@@ -1,0 +1,455 @@
+"""Kernels, k-DPP draws, masks and reweighting for pruning.
+
+Sections: the exact k-DPP sampler; kernels (from Gram matrices); the registry of pruning
+strategies that draw masks; reweighting of the kept weights.
+
+The k-DPP sampler. A k-DPP with kernel L (n, n), symmetric
+positive semi-definite, draws a k-subset S of {0..n-1} with P(S) = det(L_S) / e_k(λ(L)).
+
+Sampling follows Kulesza & Taskar (2012), Algorithm 8, then the chain rule of the
+projection DPP:
+1. choose k eigenvectors of L; eigenvector m is kept with probability
+   λ_m e_{l-1}(λ_1..λ_{m-1}) / e_l(λ_1..λ_m) while walking m = r..1 with l still to choose,
+   the elementary symmetric polynomials e_l being computed in log space;
+2. draw from the projection DPP onto the chosen orthonormal columns V (n, k), picking one
+   item at a time with probability proportional to its squared residual row norm, which
+   is clipped at zero and renormalised at every step (the rounding fix that dppy 0.3.3
+   needs patched into site-packages; nothing to patch here).
+When k > n/2 step 2 instead draws the complement: eigh returns a complete orthonormal
+basis, the projection DPP onto the n - k unchosen eigenvectors has kernel I - V Vᵀ, and its
+sample is exactly the complement of a sample of the projection DPP onto V. A draw costs
+O(n min(k, n - k)²) after one O(n³) eigendecomposition, which KDPP keeps across draws.
+
+Tolerances, relative to the largest eigenvalue magnitude λ_max:
+- eigenvalues in [-NEG_RTOL·λ_max, n·eps·λ_max] become exactly zero: the upper end is the
+  accuracy of a float64 eigh (the rank threshold of numpy's matrix_rank), so exactly
+  low-rank float64 kernels get their true rank; the lower end absorbs float32 rounding
+  (kernels built in float32 at paper scale show eigenvalues near -1e-6·λ_max). Clipping the
+  negatives is the projection onto the nearest positive semi-definite matrix.
+  Small positive eigenvalues above n·eps·λ_max are kept as they are: a Gaussian kernel plus
+  0.01·I over a few thousand columns legitimately has eigenvalues down to ~3e-6·λ_max,
+  and zeroing them would make large k fail for want of rank.
+- an eigenvalue below -NEG_RTOL·λ_max, or an asymmetry max|L - Lᵀ| above
+  NEG_RTOL·max|L|, is not rounding: KDPPError.
+"""
+
+import itertools
+import operator
+from dataclasses import dataclass
+from typing import Callable
+
+import numba
+import numpy as np
+import scipy.linalg
+
+NEG_RTOL = 1e-4  # relative size of negative eigenvalues / asymmetry accepted as rounding
+
+
+class KDPPError(ValueError):
+    """A kernel or subset size that no k-DPP can be drawn from."""
+
+
+def eig_kernel(L):
+    """Eigendecomposition of a PSD kernel with rounding-level eigenvalues set to zero.
+
+    L (n, n) -> eigvals (n,) float64 ascending, all >= 0; eigvecs (n, n) orthonormal columns.
+    """
+    L = np.asarray(L, dtype=np.float64)
+    if L.ndim != 2 or L.shape[0] != L.shape[1]:
+        raise KDPPError(f"the kernel must be a square matrix, got shape {L.shape}.")
+    if not np.all(np.isfinite(L)):
+        raise KDPPError("the kernel has non-finite entries.")
+    scale = np.abs(L).max(initial=0.0)
+    if np.abs(L - L.T).max(initial=0.0) > NEG_RTOL * scale:
+        raise KDPPError("the kernel is not symmetric (max |L - L.T| exceeds "
+                        f"{NEG_RTOL:g} of max |L|).")
+    eigvals, eigvecs = np.linalg.eigh((L + L.T) / 2)
+    return clip_eigvals(eigvals), eigvecs
+
+
+def clip_eigvals(eigvals):
+    """eigvals (n,) of a symmetric kernel -> (n,) float64 with rounding-level values set to 0."""
+    eigvals = np.asarray(eigvals, dtype=np.float64)
+    top = np.abs(eigvals).max(initial=0.0)
+    if eigvals.min(initial=0.0) < -NEG_RTOL * top:
+        raise KDPPError("the kernel is not positive semi-definite: its smallest eigenvalue "
+                        f"{eigvals.min():.3g} is below -{NEG_RTOL:g} times its largest "
+                        f"magnitude {top:.3g}.")
+    zero_tol = eigvals.size * np.finfo(np.float64).eps * top
+    return np.where(eigvals > zero_tol, eigvals, 0.0)
+
+
+def log_esp_table(eigvals, k):
+    """eigvals (r,) > 0 -> (k + 1, r + 1): entry [l, m] = log e_l(eigvals[:m]), -inf when m < l."""
+    r = eigvals.size
+    log_lam = np.log(eigvals)
+    table = np.full((k + 1, r + 1), -np.inf)
+    table[0] = 0.0
+    for m in range(1, r + 1):
+        table[1:, m] = np.logaddexp(table[1:, m - 1], log_lam[m - 1] + table[:-1, m - 1])
+    return table
+
+
+def eigvec_keep_probabilities(eigvals, k):
+    """eigvals (r,) > 0 -> (k, r): entry [l - 1, m - 1] = P(keep eigenvector m | l still to pick).
+
+    Equals λ_m e_{l-1}(λ_1..λ_{m-1}) / e_l(λ_1..λ_m); exactly 1 when m == l, and 1 (never
+    reached) when m < l.
+    """
+    table = log_esp_table(eigvals, k)
+    log_num = np.log(eigvals) + table[:-1, :-1]  # (k, r)
+    log_den = table[1:, 1:]  # (k, r)
+    log_p = np.zeros_like(log_den)
+    np.subtract(log_num, log_den, out=log_p, where=np.isfinite(log_den))
+    return np.exp(log_p)
+
+
+def choose_eigvecs(keep_prob, u):
+    """keep_prob (k, r) from eigvec_keep_probabilities, u (r,) uniform -> (k,) chosen columns."""
+    k, r = keep_prob.shape
+    chosen = np.empty(k, dtype=np.int64)
+    left = k
+    for m in range(r - 1, -1, -1):
+        if left == 0:
+            break
+        if u[m] < keep_prob[left - 1, m]:
+            left -= 1
+            chosen[left] = m
+    return chosen
+
+
+@numba.njit(cache=True, fastmath={"reassoc", "contract"})
+def sample_projection_dpp(V, u):
+    """V (n, d) C-contiguous orthonormal columns, u (d,) uniforms in [0, 1)
+    -> (d,) int64 draw of the projection DPP with kernel V Vᵀ, in the order drawn.
+
+    Chain rule with Gram-Schmidt on the rows of V: column t of C (n, d) is the t-th
+    orthonormalised kernel column, norms (n,) the squared residual row norms, i.e. the
+    conditional inclusion weights, clipped at zero against rounding. Item j is drawn where
+    the running sum of the positive weights first exceeds u[t] times their total; should
+    rounding leave the sum short of that, the last positive weight is drawn (it owns the top
+    of the interval), so a zero weight is never drawn.
+    """
+    n, d = V.shape
+    norms = np.empty(n)
+    for i in range(n):
+        s = 0.0
+        for a in range(d):
+            s += V[i, a] * V[i, a]
+        norms[i] = s
+    C = np.empty((n, d))
+    picked = np.empty(d, dtype=np.int64)
+    for t in range(d):
+        total = 0.0
+        for i in range(n):
+            total += norms[i]
+        target = u[t] * total
+        running = 0.0
+        j = -1
+        for i in range(n):
+            if norms[i] > 0.0:
+                j = i
+                running += norms[i]
+                if running > target:
+                    break
+        picked[t] = j
+        inv_norm = 1.0 / np.sqrt(norms[j])
+        for i in range(n):
+            s = 0.0
+            for a in range(d):
+                s += V[i, a] * V[j, a]
+            for a in range(t):
+                s -= C[i, a] * C[j, a]
+            c = s * inv_norm
+            C[i, t] = c
+            norms[i] = max(norms[i] - c * c, 0.0)
+        norms[j] = 0.0
+    return picked
+
+
+class KDPP:
+    """Exact k-DPP sampler for a fixed kernel L (n, n); the eigendecomposition is done once
+    and the eigenvector-selection probabilities are cached per k."""
+
+    def __init__(self, L):
+        self._set_eig(*eig_kernel(L))
+
+    @classmethod
+    def from_eig(cls, eigvals, eigvecs):
+        """eigvals (n,), eigvecs (n, n) a complete orthonormal basis (as from np.linalg.eigh)."""
+        eigvecs = np.asarray(eigvecs, dtype=np.float64)
+        n = eigvecs.shape[0]
+        if eigvecs.shape != (n, n) or np.shape(eigvals) != (n,):
+            raise KDPPError("from_eig needs eigvals (n,) and a square eigvecs (n, n), got "
+                            f"{np.shape(eigvals)} and {eigvecs.shape}.")
+        kdpp = cls.__new__(cls)
+        kdpp._set_eig(clip_eigvals(eigvals), eigvecs)
+        return kdpp
+
+    def _set_eig(self, eigvals, eigvecs):
+        self.n = eigvals.size
+        self.eigvals = eigvals  # (n,)
+        self.eigvecs = eigvecs  # (n, n)
+        self._support = np.flatnonzero(eigvals > 0)  # (r,) columns with nonzero eigenvalue
+        self._keep_prob = {}  # k -> (k, r)
+
+    @property
+    def rank(self):
+        """Number of nonzero eigenvalues after rounding-level ones are set to zero."""
+        return int(self._support.size)
+
+    def _check_k(self, k):
+        k = operator.index(k)
+        if not 0 <= k <= self.n:
+            raise KDPPError(f"k = {k} is outside 0..n = 0..{self.n}.")
+        if k > self.rank:
+            raise KDPPError(f"k = {k} exceeds the kernel's rank {self.rank}: every "
+                            f"{k}-subset has probability zero.")
+        return k
+
+    def _keep_probabilities(self, k):
+        if k not in self._keep_prob:
+            self._keep_prob[k] = eigvec_keep_probabilities(self.eigvals[self._support], k)
+        return self._keep_prob[k]
+
+    def sample(self, k, rng):
+        """One draw: sorted (k,) int64 indices; rng a numpy Generator."""
+        k = self._check_k(k)
+        if k == 0:
+            return np.empty(0, dtype=np.int64)
+        u = rng.random(self.rank)  # (r,)
+        chosen = self._support[choose_eigvecs(self._keep_probabilities(k), u)]  # (k,)
+        if 2 * k <= self.n:
+            return np.sort(self._sample_projection(chosen, rng))
+        unchosen = np.ones(self.n, dtype=bool)
+        unchosen[chosen] = False
+        keep = np.ones(self.n, dtype=bool)
+        keep[self._sample_projection(np.flatnonzero(unchosen), rng)] = False
+        return np.flatnonzero(keep).astype(np.int64, copy=False)
+
+    def _sample_projection(self, columns, rng):
+        """columns (d,) of eigvecs -> (d,) draw of the projection DPP onto them."""
+        V = np.ascontiguousarray(self.eigvecs[:, columns])  # (n, d)
+        return sample_projection_dpp(V, rng.random(columns.size))
+
+    def sample_many(self, k, num, rng):
+        """num independent draws -> (num, k) int64, each row sorted."""
+        k = self._check_k(k)
+        out = np.empty((num, k), dtype=np.int64)
+        for i in range(num):
+            out[i] = self.sample(k, rng)
+        return out
+
+
+def exact_subset_probabilities(L, k):
+    """Brute force over all k-subsets: {sorted k-tuple: det(L_S) / Σ_T det(L_T)}.
+
+    C(n, k) determinants: meant for tests on small n (n <= 12 or so). Determinants that
+    rounding leaves slightly negative count as zero.
+    """
+    L = np.asarray(L, dtype=np.float64)
+    if np.linalg.matrix_rank(L, hermitian=True) < k:
+        raise KDPPError(f"every {k}-subset has determinant zero: the kernel's rank is below k.")
+    subsets = list(itertools.combinations(range(L.shape[0]), k))
+    idx = np.array(subsets, dtype=np.int64).reshape(len(subsets), k)  # (s, k)
+    dets = np.maximum(np.linalg.det(L[idx[:, :, None], idx[:, None, :]]), 0.0)  # (s,)
+    return dict(zip(subsets, (dets / dets.sum()).tolist()))
+
+
+def exact_inclusion_probabilities(L, k):
+    """Brute force: (n,) P(i in S) under the k-DPP with kernel L; small n only."""
+    incl = np.zeros(np.shape(L)[0])
+    for subset, prob in exact_subset_probabilities(L, k).items():
+        incl[list(subset)] += prob
+    return incl
+
+
+# ----------------------------------------------------------------------------------------
+# Kernels. Everything is built from the input Gram matrix G = X^T X / P (N, N), never from
+# the P x N inputs themselves, and in float64.
+
+def node_kernel(w1, gram):
+    """dpp_node kernel L = W G W^T: w1 (K, N), gram (N, N) -> (K, K)."""
+    w1 = np.asarray(w1, dtype=np.float64)
+    return w1 @ np.asarray(gram, dtype=np.float64) @ w1.T
+
+
+def edge_kernel(w_i, gram):
+    """dpp_edge kernel of one hidden node, diag(w_i) G diag(w_i): w_i (N,) -> (N, N)."""
+    w_i = np.asarray(w_i, dtype=np.float64)
+    return np.asarray(gram, dtype=np.float64) * np.outer(w_i, w_i)
+
+
+def gaussian_kernel(gram, beta, eps=0.01):
+    """L = exp(-beta ||a_p - a_q||^2) + eps I over the columns a_p of a matrix A, given
+    gram = A^T A (n, n): squared distances are gram_pp + gram_qq - 2 gram_pq."""
+    gram = np.asarray(gram, dtype=np.float64)
+    sq = np.diag(gram)
+    dist2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0)
+    return np.exp(-beta * dist2) + eps * np.eye(gram.shape[0])
+
+
+# ----------------------------------------------------------------------------------------
+# Masks. A mask is a 0/1 array (N, K): column i holds the incoming weights of hidden node i
+# (kept = 1), the transpose of w1 (K, N), as in the original code. Strategies share one
+# signature and live in the PRUNERS registry.
+
+class MaskList(list):
+    """The masks of one pruning run, a plain list of (N, K) float32 0/1 arrays, carrying
+    what made them: choice, k, input_dim, student_h_size, seed and teacher_id."""
+
+    def __init__(self, masks=(), **meta):
+        super().__init__(masks)
+        self.__dict__.update(meta)
+
+
+@dataclass(frozen=True)
+class Pruner:
+    name: str
+    granularity: str          # 'node': k counts hidden nodes; 'edge': k counts inputs per node
+    draw: Callable            # (w1 (K,N), w2 (K,), gram (N,N), k, num_masks, rng, kernels)
+    #                           -> (B, N, K) bool; kernels: precomputed DPP kernel(s) or None
+
+
+PRUNERS = {}
+
+
+def _register(name, granularity):
+    def wrap(draw):
+        PRUNERS[name] = Pruner(name, granularity, draw)
+        return draw
+    return wrap
+
+
+def k_range(choice, input_dim, student_h_size):
+    """The allowed k for a pruning choice: 1..K for node methods, 1..N for edge methods."""
+    return (1, student_h_size) if PRUNERS[choice].granularity == "node" else (1, input_dim)
+
+
+def _node_masks(keep, n):
+    """(B, K) bool kept nodes -> (B, N, K) masks."""
+    return np.repeat(keep[:, None, :], n, axis=1)
+
+
+@_register("dpp_node", "node")
+def dpp_node(w1, w2, gram, k, num_masks, rng, kernels=None):
+    kernel = node_kernel(w1, gram) if kernels is None else kernels
+    subsets = KDPP(kernel).sample_many(k, num_masks, rng)                    # (B, k)
+    keep = np.zeros((num_masks, w1.shape[0]), dtype=bool)
+    np.put_along_axis(keep, subsets, True, axis=1)
+    return _node_masks(keep, w1.shape[1])
+
+
+@_register("dpp_edge", "edge")
+def dpp_edge(w1, w2, gram, k, num_masks, rng, kernels=None):
+    num_nodes, n = w1.shape
+    masks = np.zeros((num_masks, n, num_nodes), dtype=bool)
+    for i in range(num_nodes):
+        kernel = edge_kernel(w1[i], gram) if kernels is None else kernels[i]
+        subsets = KDPP(kernel).sample_many(k, num_masks, rng)                 # (B, k)
+        np.put_along_axis(masks[:, :, i], subsets, True, axis=1)
+    return masks
+
+
+@_register("random_edge", "edge")
+def random_edge(w1, w2, gram, k, num_masks, rng, kernels=None):
+    num_nodes, n = w1.shape
+    return rng.random((num_masks, n, num_nodes)) < k / n
+
+
+@_register("random_node", "node")
+def random_node(w1, w2, gram, k, num_masks, rng, kernels=None):
+    num_nodes = w1.shape[0]
+    scores = rng.random((num_masks, num_nodes))
+    keep = np.zeros((num_masks, num_nodes), dtype=bool)
+    np.put_along_axis(keep, np.argsort(scores, axis=1)[:, :k], True, axis=1)
+    return _node_masks(keep, w1.shape[1])
+
+
+@_register("importance_edge", "edge")
+def importance_edge(w1, w2, gram, k, num_masks, rng, kernels=None):
+    top = np.argsort(-np.abs(w1), axis=1, kind="stable")[:, :k]               # (K, k)
+    mask = np.zeros(w1.shape, dtype=bool)
+    np.put_along_axis(mask, top, True, axis=1)
+    return np.repeat(mask.T[None], num_masks, axis=0)
+
+
+@_register("importance_node", "node")
+def importance_node(w1, w2, gram, k, num_masks, rng, kernels=None):
+    keep = np.zeros(w1.shape[0], dtype=bool)
+    keep[np.argsort(-np.abs(np.ravel(w2)), kind="stable")[:k]] = True
+    return _node_masks(np.repeat(keep[None], num_masks, axis=0), w1.shape[1])
+
+
+def normalise_rows(w1):
+    """Rescale every row of w1 (K, N) to norm sqrt(N), so that Q_ii = 1 (original code)."""
+    w1 = np.asarray(w1, dtype=np.float64)
+    norms = np.linalg.norm(w1, axis=1, keepdims=True)
+    return w1 * (np.sqrt(w1.shape[1]) / np.where(norms > 0, norms, 1.0))
+
+
+def draw_masks(choice, w1, w2, gram, k, num_masks, rng, kernels=None):
+    """(num_masks, N, K) bool masks from the strategy `choice` for the student (w1, w2)."""
+    pruner = PRUNERS[choice]
+    lo, hi = k_range(choice, w1.shape[1], w1.shape[0])
+    if not lo <= k <= hi:
+        raise ValueError(f"k = {k} is outside {lo}..{hi} for {choice}")
+    return pruner.draw(np.asarray(w1, np.float64), np.ravel(np.asarray(w2, np.float64)),
+                       gram, k, num_masks, rng, kernels=kernels)
+
+
+# ----------------------------------------------------------------------------------------
+# Reweighting: after pruning, refit the kept weights so that the removed ones' contribution
+# is absorbed as well as the (training) data allow. Both fits are small normal-equation
+# solves on Gram matrices.
+
+def _solve_psd(a, b):
+    """a^{-1} b for a symmetric PSD a; the minimum-norm least-squares solution if singular."""
+    try:
+        return scipy.linalg.solve(a, b, assume_a="pos")
+    except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
+        return np.linalg.lstsq(a, b, rcond=None)[0]
+
+
+def reweight_edges(w1, mask, gram):
+    """Per node i with kept inputs S and removed R: w_iS += argmin_d ||X_S d - X_R w_iR||^2
+    = G_SS^{-1} G_SR w_iR; w_iR = 0. w1 (K, N), mask (N, K) -> (K, N)."""
+    w1 = np.asarray(w1, dtype=np.float64)
+    out = np.zeros_like(w1)
+    for i in range(w1.shape[0]):
+        s = np.flatnonzero(mask[:, i])
+        r = np.flatnonzero(~mask[:, i])
+        out[i, s] = w1[i, s]
+        if s.size and r.size:
+            out[i, s] += _solve_psd(gram[np.ix_(s, s)], gram[np.ix_(s, r)] @ w1[i, r])
+    return out
+
+
+def reweight_nodes(w2, keep, hidden_gram):
+    """Fold every removed node r into the kept ones S: alpha_r = argmin ||A_S a - A_r||^2 =
+    H_SS^{-1} H_Sr with H = A^T A / P the hidden-activation Gram matrix; v_S += alpha v_R,
+    v_R = 0. w2 (K,), keep (K,) bool -> (K,)."""
+    w2 = np.ravel(np.asarray(w2, dtype=np.float64))
+    s, r = np.flatnonzero(keep), np.flatnonzero(~keep)
+    out = np.where(keep, w2, 0.0)
+    if s.size and r.size:
+        out[s] += _solve_psd(hidden_gram[np.ix_(s, s)], hidden_gram[np.ix_(s, r)]) @ w2[r]
+    return out
+
+
+def pruned_students(w1, w2, masks, granularity, reweighting=False, gram=None, hidden_gram=None):
+    """Apply every mask: w1 (K, N), w2 (K,), masks (B, N, K) -> W (B, K, N), v (B, K).
+
+    Without reweighting W_b = w1 * mask_b^T and v_b = w2 (a removed node has zero fields and
+    g(0) = 0, so it contributes nothing). With it, edge masks refit the kept incoming
+    weights (needs `gram`), node masks refit the outgoing weights (needs `hidden_gram`)."""
+    w1 = np.asarray(w1, dtype=np.float64)
+    w2 = np.ravel(np.asarray(w2, dtype=np.float64))
+    masks = np.asarray(masks).astype(bool)
+    weights = w1[None] * np.swapaxes(masks, 1, 2)
+    outs = np.repeat(w2[None], len(masks), axis=0)
+    if reweighting and granularity == "edge":
+        weights = np.stack([reweight_edges(w1, m, gram) for m in masks])
+    elif reweighting and granularity == "node":
+        outs = np.stack([reweight_nodes(w2, m.any(axis=0), hidden_gram) for m in masks])
+    return weights, outs

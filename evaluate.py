@@ -1,0 +1,107 @@
+"""Order parameters Q, R, T of the unpruned and pruned students, and the theory's test loss.
+
+    python3 evaluate.py --path_to_student_mask student_masks_dpp_node_6_3.pkl \
+        --path_to_teacher teacher.pkl --input_dim 500
+"""
+import os
+
+import numpy as np
+
+import cli
+import plots
+import workflow
+from order_params import NotSpecialised, block_order, order_parameters
+from storage import load_pickle
+
+
+def parse_args(argv=None):
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--path_to_student_mask", type=str, required=True,
+                        help="the student_masks_<choice>_<K>_<k>.pkl written by pruning")
+    parser.add_argument("--path_to_teacher", type=str, required=True,
+                        help="the teacher pickle written by teacher_dataset.py")
+    parser.add_argument("--input_dim", type=int, required=True,
+                        help="The input dimension for each data point.")
+    parser.add_argument("--reweighting", type=int, default=0, choices=(0, 1),
+                        help="evaluate the pruned students after reweighting (1) or not (0)")
+    parser.add_argument("--threshold", type=float, default=0.7,
+                        help="|R| a student node needs to count as aligned to a teacher node (default: 0.7)")
+    parser.add_argument("--output_dir", type=str, default=".",
+                        help="folder for the heatmap PNG (default: the current one)")
+    return parser.parse_args(argv)
+
+
+def load_inputs(args):
+    teacher = load_pickle(args.path_to_teacher, "teacher file")
+    if not hasattr(teacher, "gram"):
+        raise cli.UserError(f"teacher file {args.path_to_teacher} does not hold a teacher data set")
+    if teacher.input_dim != args.input_dim:
+        raise cli.UserError(f"teacher file {args.path_to_teacher} has input dimension "
+                            f"{teacher.input_dim} but --input_dim is {args.input_dim}")
+    content = load_pickle(args.path_to_student_mask, "masks file")
+    if not (isinstance(content, tuple) and len(content) == 2 and hasattr(content[1], "choice")):
+        raise cli.UserError(f"masks file {args.path_to_student_mask} does not hold "
+                            "(student, masks) from a pruning run")
+    student, masks = content
+    if masks.input_dim != args.input_dim:
+        raise cli.UserError(f"masks file {args.path_to_student_mask} has input dimension "
+                            f"{masks.input_dim} but --input_dim is {args.input_dim}")
+    if masks.teacher_id != workflow.teacher_id(teacher):
+        raise cli.UserError(f"masks file {args.path_to_student_mask} was made with another "
+                            f"teacher than {args.path_to_teacher}")
+    if not masks:
+        raise cli.UserError(f"masks file {args.path_to_student_mask} holds no masks")
+    return teacher, student, masks
+
+
+def fmt(matrix):
+    return np.array2string(np.asarray(matrix), precision=3, suppress_small=True, max_line_width=120)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not 0 < args.threshold <= 1:
+        raise cli.UserError(f"--threshold must be in (0, 1], got {args.threshold}")
+    teacher, student, masks = load_inputs(args)
+    w1 = student.w1.weight.detach().double().numpy()
+    q, r, t = order_parameters(w1, teacher.w1.numpy())
+    result = workflow.test_masks(teacher, student, masks, masks.choice, bool(args.reweighting))
+    eq, er, _ = order_parameters(result.weights, teacher.w1.numpy())
+    eq, er = eq.mean(axis=0), er.mean(axis=0)
+
+    try:
+        order, note = block_order(r, args.threshold)
+        if note:
+            cli.log.info(f"note: {note}")
+        title = "block-diagonal order (students grouped by teacher node)"
+    except NotSpecialised as e:
+        cli.log.info(f"note: {e}; showing Q and R in the students' own order")
+        order, title = np.arange(len(w1)), "students' own order"
+    cli.log.info(f"T (teacher-teacher):\n{fmt(t)}")
+    cli.log.info(f"Q (unpruned student), {title}:\n{fmt(q[np.ix_(order, order)])}")
+    cli.log.info(f"R (unpruned student-teacher):\n{fmt(r[order])}")
+    label = f"{masks.choice}, k = {masks.k}, {len(masks)} masks" + (", reweighted" if args.reweighting else "")
+    cli.log.info(f"expected Q over masks ({label}):\n{fmt(eq[np.ix_(order, order)])}")
+    cli.log.info(f"expected R over masks:\n{fmt(er[order])}")
+
+    v = student.w2.weight.detach().double().numpy().ravel()
+    theory_unpruned = float(workflow.predicted_loss(teacher, w1, v, student.nonlinearity))
+    theory_pruned = workflow.predicted_loss(teacher, result.weights, result.outs, student.nonlinearity)
+    sigma2 = 0.5 * teacher.noise_std ** 2
+    cli.log.info(f"generalisation error from theory, unpruned: {theory_unpruned - sigma2:.6g}")
+    cli.log.info(f"generalisation error from theory, pruned (avg. over masks): "
+                 f"{theory_pruned.mean() - sigma2:.6g}")
+    cli.log.info(f"predicted test loss (eps_g + sig_w^2/2) vs measured: unpruned "
+                 f"{theory_unpruned:.6g} vs {result.unpruned_loss:.6g}; pruned "
+                 f"{theory_pruned.mean():.6g} vs {result.mean:.6g}")
+
+    stem = os.path.splitext(os.path.basename(args.path_to_student_mask))[0].replace("student_masks_", "")
+    png = os.path.join(args.output_dir, f"order_params_{stem}{'_rw' if args.reweighting else ''}.png")
+    plots.save_heatmaps(png, {"Q unpruned": q[np.ix_(order, order)], "R unpruned": r[order],
+                              "E[Q] pruned": eq[np.ix_(order, order)], "E[R] pruned": er[order]},
+                        suptitle=f"{label}; {title}")
+    cli.log.info(f"heatmaps written to {png}")
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,72 @@
+"""Generate the teacher network and its Gaussian-input data set (step 1 of the README).
+
+    python3 teacher_dataset.py --input_dim 500 --teacher_h_size 2 --teacher_path teacher.pkl \
+        --num_data 800000 --mode normal --sig_w 0 --v_star 4
+"""
+import time
+
+from tqdm import tqdm
+
+import cli
+from data import dataset_nbytes, generate_teacher
+from models import MODES
+from storage import save_pickle
+
+
+def parse_args(argv=None):
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
+    # network parameter
+    parser.add_argument("--input_dim", type=int, required=True,
+                        help="The input dimension for each data point.")
+    parser.add_argument("--teacher_h_size", type=int, default=2,
+                        help="hidden layer size of the teacher MLP (default: 2)")
+    parser.add_argument("--num_data", type=int, required=True,
+                        help="Number of data points to be generated (plus 10%% for the test set).")
+    parser.add_argument("--mode", type=str, default="normal", choices=MODES,
+                        help="soft_committee or normal")
+    parser.add_argument("--sig_w", type=float, default=0.0,
+                        help="scaling variable for the output noise.")
+    parser.add_argument("--v_star", type=float, default=4,
+                        help="ground truth second layer weight (mode normal)")
+    parser.add_argument("--seed", type=int, default=1, help="random seed (default: 1)")
+    parser.add_argument("--device", type=str, default="cpu",
+                        help="torch device that draws the data: cpu or cuda (default: cpu)")
+    # data storage
+    parser.add_argument("--teacher_path", type=str, required=True,
+                        help="Path to store the teacher network and dataset.")
+    return parser.parse_args(argv)
+
+
+def validate(args):
+    cli.positive("--input_dim", args.input_dim)
+    cli.positive("--teacher_h_size", args.teacher_h_size)
+    cli.positive("--num_data", args.num_data)
+    if args.num_data < 10:
+        raise cli.UserError(f"--num_data {args.num_data} leaves no test set (10% of it); "
+                            "use at least 10")
+    cli.finite("--sig_w", args.sig_w)
+    cli.positive("--sig_w", args.sig_w, allow_zero=True)
+    cli.finite("--v_star", args.v_star)
+    args.device = cli.resolve_device(args.device, "--device")
+    cli.check_memory(int(1.1 * dataset_nbytes(args.input_dim, args.num_data)),
+                     f"a data set of {args.num_data} samples of dimension {args.input_dim}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    validate(args)
+    start = time.time()
+    total = args.num_data + args.num_data // 10
+    with tqdm(total=total, unit="sample", unit_scale=True, desc="generating") as bar:
+        teacher = generate_teacher(args.input_dim, args.teacher_h_size, args.num_data,
+                                   args.mode, args.sig_w, args.v_star, args.seed,
+                                   args.device, progress=bar.update)
+    save_pickle(teacher, args.teacher_path)
+    cli.log.info(f"teacher ({args.teacher_h_size} hidden nodes, mode {args.mode}) with "
+                 f"{len(teacher)} training and {len(teacher.test_labels)} test samples of "
+                 f"dimension {args.input_dim} written to {args.teacher_path} "
+                 f"in {time.time() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    cli.run(main)

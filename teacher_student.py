@@ -1,0 +1,229 @@
+"""Train, prune and test the student network (steps 2-4 of the README).
+
+    python3 teacher_student.py --input_dim 500 --student_h_size 6 --teacher_path teacher.pkl \
+        --nonlinearity sigmoid --mode normal --epoch 1 --lr 0.5
+    python3 teacher_student.py ... --trained_weights student_6.pth --procedure pruning \
+        --pruning_choice dpp_node --num_masks 100 --k 3
+    python3 teacher_student.py ... --procedure testing --pruning_choice dpp_node --k 3
+"""
+import os
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import cli
+import workflow
+from dpp_sample_ts import PRUNERS, k_range
+from models import MODES, NONLINEARITIES, student_from_weights
+from storage import load_pickle, load_state_dict, save_pickle, save_state_dict
+
+PROCEDURES = ("training", "pruning", "testing")
+
+
+def parse_args(argv=None):
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
+    # network parameter
+    parser.add_argument("--input_dim", type=int, required=True,
+                        help="The input dimension for each data point.")
+    parser.add_argument("--student_h_size", type=int, required=True,
+                        help="hidden layer size of the student MLP")
+    parser.add_argument("--nonlinearity", type=str, default="sigmoid",
+                        help="choice of the activation function: sigmoid (erf), relu or linear")
+    parser.add_argument("--mode", type=str, default="normal",
+                        help="soft_committee or normal")
+    # optimization setup
+    parser.add_argument("--lr", type=float, default=0.5, metavar="LR",
+                        help="learning rate (default: 0.5) that will be scaled for each layer accordingly")
+    parser.add_argument("--momentum", type=float, default=0, metavar="M",
+                        help="SGD momentum (default: 0)")
+    parser.add_argument("--epoch", type=int, default=1,
+                        help="number of epochs (online learning so 1)")
+    parser.add_argument("--seed", type=int, default=1, metavar="S",
+                        help="random seed (default: 1)")
+    # pruning parameters
+    parser.add_argument("--pruning_choice", type=str, default="dpp_edge",
+                        help="pruning option: " + ", ".join(PRUNERS))
+    parser.add_argument("--beta", type=float, default=0.3,
+                        help="beta of the Gaussian DPP kernel (real_data.py); unused here, as in the original")
+    parser.add_argument("--k", type=int, default=2,
+                        help="number of parameters to preserve (for dpp_node: # of nodes; for dpp_edge: # of weights per node)")
+    parser.add_argument("--procedure", type=str, default="training",
+                        help="training, pruning, or testing")
+    parser.add_argument("--num_masks", type=int, default=1,
+                        help="Number of masks to be sampled by DPP.")
+    parser.add_argument("--reweighting", type=int, default=0, choices=(0, 1),
+                        help="testing: refit the kept weights after pruning (1) or not (0)")
+    parser.add_argument("--load_from_pkl", type=int, default=0, choices=(0, 1),
+                        help="dpp_edge: reuse the kernels saved in --kernel_path by an earlier run (1)")
+    parser.add_argument("--kernel_path", type=str, default=None,
+                        help="dpp_edge kernel pickle (default: <output_dir>/dpp_edge_kernels_<K>.pkl)")
+    # data storage
+    parser.add_argument("--trained_weights", type=str, default="place_holder",
+                        help="path to the trained weights for loading")
+    parser.add_argument("--teacher_path", type=str, required=True,
+                        help="Path to the teacher network and dataset.")
+    parser.add_argument("--output_dir", type=str, default=".",
+                        help="folder for the files this script writes (default: the current one)")
+    return parser.parse_args(argv)
+
+
+def validate(args):
+    """Check the flags before anything is read or written."""
+    if args.procedure not in PROCEDURES:
+        raise cli.UserError(f"--procedure must be one of {', '.join(PROCEDURES)}, got {args.procedure!r}")
+    if args.nonlinearity not in NONLINEARITIES:
+        raise cli.UserError(f"--nonlinearity must be one of {', '.join(NONLINEARITIES)}, got {args.nonlinearity!r}")
+    if args.mode not in MODES:
+        raise cli.UserError(f"--mode must be one of {', '.join(MODES)}, got {args.mode!r}")
+    cli.positive("--input_dim", args.input_dim)
+    cli.positive("--student_h_size", args.student_h_size)
+    if args.procedure == "training":
+        cli.finite("--lr", args.lr)
+        cli.positive("--lr", args.lr)
+        cli.finite("--momentum", args.momentum)
+        if not 0 <= args.momentum < 1:
+            raise cli.UserError(f"--momentum must be in [0, 1), got {args.momentum}")
+        cli.positive("--epoch", args.epoch)
+        return
+    if args.pruning_choice not in PRUNERS:
+        raise cli.UserError(f"--pruning_choice must be one of {', '.join(PRUNERS)}, got {args.pruning_choice!r}")
+    lo, hi = k_range(args.pruning_choice, args.input_dim, args.student_h_size)
+    if not lo <= args.k <= hi:
+        unit = "hidden nodes" if PRUNERS[args.pruning_choice].granularity == "node" else "weights per node"
+        raise cli.UserError(f"--k {args.k} is out of range for {args.pruning_choice}: it counts "
+                            f"{unit}, so it must be in {lo}..{hi}")
+    if args.procedure == "pruning":
+        cli.positive("--num_masks", args.num_masks)
+        if args.trained_weights == "place_holder":
+            raise cli.UserError("--trained_weights is required for pruning: pass the "
+                                f"student_{args.student_h_size}.pth that training wrote")
+
+
+def load_teacher(args):
+    teacher = load_pickle(args.teacher_path, "teacher file")
+    if not hasattr(teacher, "gram"):
+        raise cli.UserError(f"teacher file {args.teacher_path} does not hold a teacher data set")
+    if teacher.input_dim != args.input_dim:
+        raise cli.UserError(f"teacher file {args.teacher_path} has input dimension "
+                            f"{teacher.input_dim} but --input_dim is {args.input_dim}")
+    return teacher
+
+
+def load_student(args):
+    state = load_state_dict(args.trained_weights)
+    w1, w2 = state.get("w1.weight"), state.get("w2.weight")
+    if w1 is None or w2 is None:
+        raise cli.UserError(f"weights file {args.trained_weights} has no w1.weight / w2.weight; "
+                            "pass the student_<K>.pth that training wrote")
+    if tuple(w1.shape) != (args.student_h_size, args.input_dim) or w2.numel() != args.student_h_size:
+        raise cli.UserError(f"weights file {args.trained_weights} holds a student of shape "
+                            f"{tuple(w1.shape)} but --student_h_size {args.student_h_size} and "
+                            f"--input_dim {args.input_dim} ask for ({args.student_h_size}, {args.input_dim})")
+    if not (torch.isfinite(w1).all() and torch.isfinite(w2).all()):
+        raise cli.UserError(f"weights file {args.trained_weights} holds non-finite weights "
+                            "(training diverged?); train again with a smaller --lr")
+    return student_from_weights(w1.numpy(), w2.numpy(), args.nonlinearity, args.mode)
+
+
+def run_training(args, teacher):
+    out = os.path.join(args.output_dir, workflow.student_filename(args.student_h_size))
+    start = time.time()
+    with tqdm(total=len(teacher) * args.epoch, unit="sample", unit_scale=True,
+              desc="online SGD") as bar:
+        student = workflow.train(teacher, args.student_h_size, args.nonlinearity, args.mode,
+                                 args.lr, args.epoch, args.momentum, args.seed,
+                                 progress=lambda done: bar.update(done - bar.n))
+    w = student.w1.weight
+    if not (torch.isfinite(w).all() and torch.isfinite(student.w2.weight).all()):
+        raise cli.UserError(f"training diverged (non-finite weights) with --lr {args.lr}; "
+                            f"nothing was written, use a smaller --lr")
+    cli.log.info(f"training took {time.time() - start:.1f} s; "
+                 f"test loss: {workflow.test_loss(teacher, student):.6g}")
+    save_state_dict(student.state_dict(), out)
+    cli.log.info(f"student written to {out}")
+
+
+def dpp_edge_kernels(args, teacher, student):
+    """dpp_edge kernels of the rescaled student: read from the kernel pickle with
+    --load_from_pkl 1, otherwise built and saved there for the next run."""
+    path = args.kernel_path or os.path.join(args.output_dir,
+                                            workflow.kernels_filename(args.student_h_size))
+    unpruned = workflow.rescaled(student)
+    wid = workflow.weights_id(unpruned.w1.weight.detach().double().numpy())
+    if args.load_from_pkl:
+        cache = load_pickle(path, "kernel file")
+        if not isinstance(cache, dict) or cache.get("weights_id") != wid:
+            raise cli.UserError(f"kernel file {path} was built for another student; rerun "
+                                "with --load_from_pkl 0 to rebuild it")
+        return cache["kernels"]
+    kernels = workflow.edge_kernels(unpruned, teacher.gram.numpy())
+    save_pickle({"weights_id": wid, "kernels": kernels}, path)
+    cli.log.info(f"dpp_edge kernels written to {path}")
+    return kernels
+
+
+def run_pruning(args, teacher):
+    student = load_student(args)
+    out = os.path.join(args.output_dir, workflow.masks_filename(
+        args.pruning_choice, args.student_h_size, args.k))
+    kernels = dpp_edge_kernels(args, teacher, student) if args.pruning_choice == "dpp_edge" else None
+    start = time.time()
+    unpruned, masks = workflow.prune(teacher, student, args.pruning_choice, args.k,
+                                     args.num_masks, args.seed, kernels)
+    cli.log.info(f"{args.num_masks} {args.pruning_choice} masks (k = {args.k}) drawn in "
+                 f"{time.time() - start:.1f} s")
+    save_pickle((unpruned, masks), out)
+    cli.log.info(f"unpruned student and masks written to {out}")
+
+
+def run_testing(args, teacher):
+    path = os.path.join(args.output_dir, workflow.masks_filename(
+        args.pruning_choice, args.student_h_size, args.k))
+    student, masks = load_masks(path, args, teacher)
+    result = workflow.test_masks(teacher, student, masks, args.pruning_choice,
+                                 bool(args.reweighting))
+    losses = result.losses
+    cli.log.info(f"unpruned MLP test loss: {result.unpruned_loss}")
+    cli.log.info(f"pruned MLP avg. test loss: {losses.mean()}")
+    cli.log.info(f"over {len(losses)} masks{' with reweighting' if args.reweighting else ''}: "
+                 f"std {losses.std():.6g}, min {losses.min():.6g}, max {losses.max():.6g}")
+
+
+def load_masks(path, args, teacher):
+    """The (unpruned student, masks) pickle of a pruning run, checked against the flags."""
+    content = load_pickle(path, "masks file")
+    if not (isinstance(content, tuple) and len(content) == 2 and hasattr(content[1], "choice")):
+        raise cli.UserError(f"masks file {path} does not hold (student, masks) from a pruning run")
+    student, masks = content
+    asked = (args.pruning_choice, args.student_h_size, args.k, args.input_dim)
+    found = (masks.choice, masks.student_h_size, masks.k, masks.input_dim)
+    if asked != found:
+        raise cli.UserError(f"masks file {path} was made with pruning_choice, student_h_size, k, "
+                            f"input_dim = {found} but the flags say {asked}")
+    if masks.teacher_id != workflow.teacher_id(teacher):
+        raise cli.UserError(f"masks file {path} was made with another teacher than "
+                            f"{args.teacher_path}; prune again with this teacher")
+    if not masks:
+        raise cli.UserError(f"masks file {path} holds no masks")
+    if (student.nonlinearity, student.mode) != (args.nonlinearity, args.mode):
+        raise cli.UserError(f"masks file {path} holds a {student.nonlinearity}/{student.mode} "
+                            f"student but the flags say {args.nonlinearity}/{args.mode}")
+    return student, masks
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    validate(args)
+    teacher = load_teacher(args)
+    if args.procedure == "training":
+        run_training(args, teacher)
+    elif args.procedure == "pruning":
+        run_pruning(args, teacher)
+    else:
+        run_testing(args, teacher)
+
+
+if __name__ == "__main__":
+    cli.run(main)
