@@ -84,3 +84,15 @@ def block_order(r, threshold=0.7):
     if len(set(counts.tolist())) > 1:
         note = f"the teacher nodes have unequal numbers of student nodes {counts.tolist()}"
     return order, note
+
+
+def random_edge_expected(q, r, fraction):
+    """Expected order parameters after random_edge pruning that keeps each weight with
+    probability f: E[Q'_ii] = f Q_ii, E[Q'_ik] = f^2 Q_ik (i != k), E[R'] = f R. For large N
+    the pruned Q', R' concentrate on these, so eps_g(E[Q'], E[R']) is the closed form of
+    the pruned student's generalisation error as a function of f."""
+    q = np.asarray(q, dtype=np.float64)
+    f = float(fraction)
+    pruned = f * f * q
+    np.fill_diagonal(pruned, f * np.diag(q))
+    return pruned, f * np.asarray(r, dtype=np.float64)

@@ -106,21 +106,24 @@ class PrunedResult:
         return float(self.losses.mean())
 
 
-def apply_masks(teacher, student, masks, choice, reweighting=False):
-    """Pruned (and optionally reweighted) students of every mask: W (B, K, N), v (B, K)."""
+def apply_masks(teacher, student, masks, choice, reweighting=False, hgram=None):
+    """Pruned (and optionally reweighted) students of every mask: W (B, K, N), v (B, K).
+    `hgram`: the student's `hidden_gram`, if already computed (node reweighting needs it)."""
     granularity = PRUNERS[choice].granularity
     w1 = student.w1.weight.detach().double().numpy()
     w2 = student.w2.weight.detach().double().numpy()
-    hgram = hidden_gram(teacher, student) if reweighting and granularity == "node" else None
+    if reweighting and granularity == "node" and hgram is None:
+        hgram = hidden_gram(teacher, student)
     return pruned_students(w1, w2, np.stack(masks), granularity, reweighting,
                            teacher.gram.numpy(), hgram)
 
 
-def test_masks(teacher, student, masks, choice, reweighting=False):
-    """Test loss of the student pruned by every mask, all masks evaluated in one batch."""
-    weights, outs = apply_masks(teacher, student, masks, choice, reweighting)
+def test_masks(teacher, student, masks, choice, reweighting=False, hgram=None, device="cpu"):
+    """Test loss of the student pruned by every mask, all masks evaluated in one batch
+    (float32 matmuls on `device`, float64 sums)."""
+    weights, outs = apply_masks(teacher, student, masks, choice, reweighting, hgram)
     losses = training.test_loss(weights, outs, teacher.test_inputs, teacher.test_labels,
-                                student.nonlinearity)
+                                student.nonlinearity, dtype=torch.float32, device=device)
     return PrunedResult(np.asarray(losses), weights, outs, test_loss(teacher, student))
 
 

@@ -1,0 +1,335 @@
+"""Online SGD of the two-layer student and its test loss (NOTES.md, "Student and online SGD").
+
+Notation: N = input dimension, K = student hidden size, P = number of samples, B = number of
+networks evaluated at once. Per sample x (N,) with label y:
+
+    lam = w1 @ x / sqrt(N)   (K,)      h = g(lam)   (K,)      yhat = w2 . h      delta = yhat - y
+    w1_i <- w1_i - (eta / sqrt(N)) * delta * w2_i * g'(lam_i) * x
+    w2_i <- w2_i - (eta / N)       * delta * h_i              (not in `soft_committee` mode)
+
+Both gradients are taken at the weights before the step, as autograd does; with momentum the
+torch SGD rule applies (buf = momentum * buf + grad; p -= lr * buf), without it the first layer
+steps as w1_i -= (lr * delta * w2_i * g'(lam_i)) * x. The per-sample loop is a numba kernel over
+float64 weights that reads x as stored (float32); results are bitwise reproducible (no
+fastmath, no threads, fixed summation order) and do not depend on the chunking.
+"""
+import math
+
+import numba
+import numpy as np
+import torch
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+# Integer codes of the nonlinearities for the numba kernel (models.NONLINEARITIES order).
+NONLINEARITY_CODES = {"sigmoid": 0, "relu": 1, "linear": 2}
+
+_SQRT_HALF = math.sqrt(0.5)
+
+
+def nonlinearity_code(name):
+    """The kernel's integer code for a `--nonlinearity` name."""
+    try:
+        return NONLINEARITY_CODES[name]
+    except KeyError:
+        raise ValueError(f"unknown nonlinearity {name!r}; choose one of "
+                         f"{', '.join(NONLINEARITY_CODES)}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Vectorised dot products with a fixed summation order.
+#
+# numba compiles without fastmath (strict IEEE semantics) and with LLVM's SLP vectoriser off, so
+# a plain dot-product loop runs one scalar multiply-add at a time. These two intrinsics emit
+# explicit <4 x double> LLVM vector code instead: _LANE_ACCS accumulators of _LANES lanes each,
+# combined in a fixed pairwise order, then the scalar tail. The order does not depend on the CPU
+# or on compiler flags, so the results are reproducible.
+_LANES = 4
+_LANE_ACCS = 4
+
+
+def _is_contiguous_f64_vector(ty):
+    return (isinstance(ty, types.Array) and ty.ndim == 1 and ty.layout == "C"
+            and ty.dtype == types.float64)
+
+
+def _lane_dot_codegen(update):
+    """Codegen of dot(w, x_new), after w -= a * x_old elementwise when `update` is set."""
+    def codegen(context, builder, signature, args):
+        if update:
+            w_arg, a, old_arg, new_arg = args
+            w_ty, _, old_ty, new_ty = signature.args
+        else:
+            (w_arg, new_arg), (w_ty, new_ty) = args, signature.args
+        w = context.make_array(w_ty)(context, builder, w_arg)
+        x_new = context.make_array(new_ty)(context, builder, new_arg)
+        x_old = context.make_array(old_ty)(context, builder, old_arg) if update else None
+        n = builder.extract_value(w.shape, 0)
+        intp, i32 = n.type, ir.IntType(32)
+        vec = ir.VectorType(ir.DoubleType(), _LANES)
+        vec_ptr = vec.as_pointer()
+        if update:
+            a_vec = builder.insert_element(ir.Constant(vec, ir.Undefined), a, ir.Constant(i32, 0))
+            a_vec = builder.shuffle_vector(a_vec, ir.Constant(vec, ir.Undefined),
+                                           ir.Constant(ir.VectorType(i32, _LANES), [0] * _LANES))
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(vec, [0.0] * _LANES))
+                for _ in range(_LANE_ACCS)]
+        block = _LANES * _LANE_ACCS
+        n_blocks = builder.sdiv(n, ir.Constant(intp, block))
+
+        def vec_at(array, offset):
+            return builder.bitcast(builder.gep(array.data, [offset]), vec_ptr)
+
+        with cgutils.for_range(builder, n_blocks) as loop:
+            base = builder.mul(loop.index, ir.Constant(intp, block))
+            for k in range(_LANE_ACCS):
+                offset = builder.add(base, ir.Constant(intp, k * _LANES))
+                w_vec = builder.load(vec_at(w, offset), align=8)
+                if update:
+                    x_old_vec = builder.load(vec_at(x_old, offset), align=8)
+                    w_vec = builder.fsub(w_vec, builder.fmul(a_vec, x_old_vec))
+                    builder.store(w_vec, vec_at(w, offset), align=8)
+                product = builder.fmul(w_vec, builder.load(vec_at(x_new, offset), align=8))
+                builder.store(builder.fadd(builder.load(accs[k]), product), accs[k])
+        partial = [builder.load(acc) for acc in accs]
+        while len(partial) > 1:
+            partial = [builder.fadd(partial[k], partial[k + 1]) for k in range(0, len(partial), 2)]
+        lanes = [builder.extract_element(partial[0], ir.Constant(i32, j)) for j in range(_LANES)]
+        while len(lanes) > 1:
+            lanes = [builder.fadd(lanes[k], lanes[k + 1]) for k in range(0, len(lanes), 2)]
+        total = cgutils.alloca_once_value(builder, lanes[0])
+        tail_start = builder.mul(n_blocks, ir.Constant(intp, block))
+        with cgutils.for_range_slice(builder, tail_start, n, ir.Constant(intp, 1),
+                                     inc=True) as (index, _):
+            w_ptr = builder.gep(w.data, [index])
+            w_val = builder.load(w_ptr)
+            if update:
+                w_val = builder.fsub(w_val, builder.fmul(a, builder.load(
+                    builder.gep(x_old.data, [index]))))
+                builder.store(w_val, w_ptr)
+            product = builder.fmul(w_val, builder.load(builder.gep(x_new.data, [index])))
+            builder.store(builder.fadd(builder.load(total), product), total)
+        return builder.load(total)
+    return codegen
+
+
+@intrinsic
+def lane_dot(typingctx, w, x):
+    """dot(w, x) of C-contiguous float64 (N,) vectors, in the fixed lane order above."""
+    if _is_contiguous_f64_vector(w) and _is_contiguous_f64_vector(x):
+        return types.float64(w, x), _lane_dot_codegen(update=False)
+    return None
+
+
+@intrinsic
+def axpy_lane_dot(typingctx, w, a, x_old, x_new):
+    """w -= a * x_old in place, then return lane_dot(w, x_new) (one pass over w)."""
+    if (_is_contiguous_f64_vector(w) and _is_contiguous_f64_vector(x_old)
+            and _is_contiguous_f64_vector(x_new) and isinstance(a, types.Float)):
+        return types.float64(w, types.float64, x_old, x_new), _lane_dot_codegen(update=True)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+@numba.njit(cache=True, fastmath=False, nogil=True)
+def _activate(lam, code, h, gp):
+    """h = g(lam), gp = g'(lam) for (K,) pre-activations, g given by its NONLINEARITY_CODES code."""
+    for i in range(lam.shape[0]):
+        z = lam[i]
+        if code == 0:
+            h[i] = math.erf(z / math.sqrt(2.0))
+            gp[i] = math.sqrt(2.0 / math.pi) * math.exp(-0.5 * z * z)
+        elif code == 1:
+            h[i] = z if z > 0.0 else 0.0
+            gp[i] = 1.0 if z > 0.0 else 0.0
+        else:
+            h[i] = z
+            gp[i] = 1.0
+
+
+@numba.njit(cache=True, fastmath=False, nogil=True)
+def _load_row(inputs, p, x):
+    """x (N,) float64 <- inputs[p] (float32 or float64)."""
+    row = inputs[p]
+    for n in range(x.shape[0]):
+        x[n] = row[n]
+
+
+@numba.njit(cache=True, fastmath=False, nogil=True)
+def sgd_pass_kernel(inputs, labels, start, stop, w1, w2, b1, b2, lr1, lr2, momentum,
+                    code, train_w2):
+    """One pass of online SGD over rows [start, stop), updating w1, w2, b1, b2 in place.
+
+    inputs (P, N) float32 (or float64), labels (P,), w1 and b1 (K, N) float64 C-contiguous,
+    w2 and b2 (K,) float64; lr1 = eta / sqrt(N), lr2 = eta / N; code from NONLINEARITY_CODES.
+    The momentum buffers are only used when momentum != 0. Each row of w1 is updated and dotted
+    with the next sample's input in the same pass (axpy_lane_dot).
+    """
+    n_hidden, n_in = w1.shape
+    if stop <= start:
+        return
+    sqrt_n = math.sqrt(n_in)
+    x = np.empty(n_in, dtype=np.float64)         # (N,) current sample
+    x_next = np.empty(n_in, dtype=np.float64)    # (N,) next sample
+    lam = np.empty(n_hidden, dtype=np.float64)   # (K,) pre-activations of the current sample
+    h = np.empty(n_hidden, dtype=np.float64)     # (K,) g(lam)
+    gp = np.empty(n_hidden, dtype=np.float64)    # (K,) g'(lam)
+    use_momentum = momentum != 0.0
+    _load_row(inputs, start, x)
+    for i in range(n_hidden):
+        lam[i] = lane_dot(w1[i], x) / sqrt_n
+    for p in range(start, stop):
+        _activate(lam, code, h, gp)
+        yhat = 0.0
+        for i in range(n_hidden):
+            yhat += w2[i] * h[i]
+        delta = yhat - np.float64(labels[p])
+        has_next = p + 1 < stop
+        if has_next:
+            _load_row(inputs, p + 1, x_next)
+        for i in range(n_hidden):
+            coef = delta * w2[i] * gp[i]           # grad_w1_i = coef * x, with the old w2_i
+            w_row = w1[i]
+            if use_momentum:
+                b_row = b1[i]
+                for n in range(n_in):
+                    b_row[n] = momentum * b_row[n] + coef * x[n]
+                    w_row[n] -= lr1 * b_row[n]
+                if has_next:
+                    lam[i] = lane_dot(w_row, x_next) / sqrt_n
+            elif has_next:
+                lam[i] = axpy_lane_dot(w_row, lr1 * coef, x, x_next) / sqrt_n
+            else:
+                a = lr1 * coef
+                for n in range(n_in):
+                    w_row[n] -= a * x[n]
+        if train_w2:
+            for i in range(n_hidden):
+                grad = delta * h[i]
+                if use_momentum:
+                    b2[i] = momentum * b2[i] + grad
+                    w2[i] -= lr2 * b2[i]
+                else:
+                    w2[i] -= lr2 * grad
+        x, x_next = x_next, x
+
+
+def as_numpy(array):
+    """A numpy view of a CPU torch tensor (no copy) or np.asarray of anything else."""
+    if isinstance(array, torch.Tensor):
+        return array.detach().cpu().numpy()
+    return np.asarray(array)
+
+
+def _kernel_inputs(inputs, labels):
+    """Inputs (P, N) and labels (P,) as C-contiguous float32/float64 arrays (no copy if already)."""
+    inputs, labels = as_numpy(inputs), as_numpy(labels).reshape(-1)
+    if inputs.ndim != 2 or inputs.shape[0] != labels.shape[0]:
+        raise ValueError(f"inputs (P, N) and labels (P,) expected, got {inputs.shape} "
+                         f"and {labels.shape}")
+    if inputs.dtype not in (np.float32, np.float64):
+        inputs = inputs.astype(np.float32)
+    if labels.dtype not in (np.float32, np.float64):
+        labels = labels.astype(np.float32)
+    return np.ascontiguousarray(inputs), np.ascontiguousarray(labels)
+
+
+def online_sgd_arrays(w1, w2, inputs, labels, lr, nonlinearity="sigmoid", train_w2=True,
+                      epochs=1, momentum=0.0, chunk=20000, progress=None):
+    """Online SGD from weights w1 (K, N), w2 (K,) or (1, K); returns new float64 (w1, w2).
+
+    Each epoch visits the P rows of inputs (P, N) / labels (P,) once, in order, in chunks of
+    `chunk` rows; progress(samples_done_so_far) is called after each chunk. Momentum buffers
+    persist across chunks and epochs.
+    """
+    inputs, labels = _kernel_inputs(inputs, labels)
+    w1 = np.array(as_numpy(w1), dtype=np.float64, order="C")            # (K, N), own copy
+    w2 = np.array(as_numpy(w2), dtype=np.float64).reshape(-1).copy()    # (K,)
+    n_hidden, n_in = w1.shape
+    if w2.shape != (n_hidden,) or inputs.shape[1] != n_in:
+        raise ValueError(f"shapes do not match: w1 {w1.shape}, w2 {w2.shape}, "
+                         f"inputs {inputs.shape}")
+    code = nonlinearity_code(nonlinearity)
+    b1, b2 = np.zeros_like(w1), np.zeros_like(w2)   # (K, N), (K,) momentum buffers
+    lr1, lr2 = float(lr) / math.sqrt(n_in), float(lr) / n_in
+    n_samples, chunk = inputs.shape[0], max(1, int(chunk))
+    done = 0
+    for _ in range(int(epochs)):
+        for start in range(0, n_samples, chunk):
+            stop = min(start + chunk, n_samples)
+            sgd_pass_kernel(inputs, labels, start, stop, w1, w2, b1, b2, lr1, lr2,
+                            float(momentum), code, bool(train_w2))
+            done += stop - start
+            if progress is not None:
+                progress(done)
+    return w1, w2
+
+
+def online_sgd(student, inputs, labels, lr, epochs=1, momentum=0.0, chunk=20000,
+               progress=None):
+    """Train a models.Student in place by online SGD on inputs (P, N), labels (P,); returns it.
+
+    Respects student.mode (`soft_committee` keeps w2 frozen) and student.nonlinearity. The
+    weights are trained in float64 and written back in the student's own dtype.
+    """
+    w1, w2 = online_sgd_arrays(student.w1.weight, student.w2.weight, inputs, labels, lr,
+                               nonlinearity=student.nonlinearity,
+                               train_w2=student.mode != "soft_committee", epochs=epochs,
+                               momentum=momentum, chunk=chunk, progress=progress)
+    with torch.no_grad():
+        student.w1.weight.copy_(torch.from_numpy(w1))
+        student.w2.weight.copy_(torch.from_numpy(w2).reshape(student.w2.weight.shape))
+    return student
+
+
+def _activate_torch_(z, nonlinearity):
+    """g applied in place to a torch tensor (any shape); returns it."""
+    if nonlinearity == "sigmoid":
+        return torch.erf_(z.mul_(_SQRT_HALF))
+    if nonlinearity == "relu":
+        return torch.relu_(z)
+    nonlinearity_code(nonlinearity)  # raises for unknown names
+    return z
+
+
+def test_loss(w1, w2, inputs, labels, nonlinearity="sigmoid", batch=8192,
+              dtype=torch.float64, device="cpu"):
+    """Test loss 0.5 * mean((yhat - y)^2).
+
+    One network: w1 (K, N), w2 (K,) or (1, K) -> float. A batch of B networks: w1 (B, K, N),
+    w2 (B, K) -> (B,) numpy array. inputs (P, N), labels (P,), numpy or torch. Rows are read
+    `batch` at a time (fewer when B * K is large, so that each chunk's (rows, B * K) activations
+    stay near 64 MB); each chunk is one matmul with all B * K weight rows, in `dtype` on
+    `device`. The squared errors are summed in float64 whatever `dtype` is: float32 (what
+    batched testing uses) changes a loss by about 1e-6 relative and runs 2-4x faster.
+    """
+    w1 = torch.as_tensor(np.asarray(as_numpy(w1), dtype=np.float64))
+    single = w1.ndim == 2
+    if single:
+        w1 = w1.unsqueeze(0)                                                   # (1, K, N)
+    n_nets, n_hidden, n_in = w1.shape
+    w2 = torch.as_tensor(np.asarray(as_numpy(w2), dtype=np.float64)).reshape(n_nets, n_hidden)
+    inputs, labels = as_numpy(inputs), as_numpy(labels).reshape(-1)
+    if inputs.ndim != 2 or inputs.shape[1] != n_in or inputs.shape[0] != labels.shape[0]:
+        raise ValueError(f"inputs (P, {n_in}) and labels (P,) expected, got {inputs.shape} "
+                         f"and {labels.shape}")
+    weights = w1.reshape(n_nets * n_hidden, n_in).T.to(device, dtype).contiguous()  # (N, B*K)
+    w2 = w2.to(device, dtype)
+    scale = 1.0 / math.sqrt(n_in)
+    rows = max(1, min(int(batch), (8 << 20) // (n_nets * n_hidden + n_in)))
+    total = torch.zeros(n_nets, dtype=torch.float64, device=device)          # (B,)
+    n_samples = inputs.shape[0]
+    for start in range(0, n_samples, rows):
+        x = torch.from_numpy(inputs[start:start + rows]).to(device, dtype)   # (c, N)
+        y = torch.from_numpy(labels[start:start + rows]).to(device, dtype)   # (c,)
+        lam = (x @ weights).mul_(scale)                                       # (c, B*K)
+        h = _activate_torch_(lam, nonlinearity).view(-1, n_nets, n_hidden)   # (c, B, K)
+        err = torch.einsum("cbk,bk->cb", h, w2).sub_(y[:, None])             # (c, B)
+        total += err.square_().sum(0, dtype=torch.float64)
+    losses = (0.5 * total / max(1, n_samples)).cpu().numpy()
+    return float(losses[0]) if single else losses
+
+
+test_loss.__test__ = False  # not a pytest test when imported into a test module
