@@ -13,6 +13,18 @@ from storage import FileProblem
 log = logging.getLogger("dpp_pruning")
 
 
+class _StdoutHandler(logging.Handler):
+    """Writes to whatever sys.stdout is at the time (so captured output works in-process)."""
+
+    def emit(self, record):
+        sys.stdout.write(self.format(record) + "\n")
+
+
+log.addHandler(_StdoutHandler())
+log.setLevel(logging.INFO)
+log.propagate = False
+
+
 class UserError(Exception):
     """Bad flags or inputs; the message is one sentence naming the flag or file."""
 
@@ -24,7 +36,6 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def run(main, argv=None):
     """Call main(argv) and turn user-caused failures into one line and exit status 2."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     prog = os.path.basename(sys.argv[0])
     try:
         main(argv)
