@@ -216,7 +216,8 @@ def run_cell(preset, out, cell, seed):
                                   _seed(seed, 2, cell.noise * 100, cell.student_h_size,
                                         method_index, cell.k, rnd))
         for rw in preset.reweighting:
-            result = workflow.test_masks(teacher, unpruned, masks, cell.method, bool(rw), hgram)
+            result = workflow.test_masks(teacher, unpruned, masks, cell.method, bool(rw), hgram,
+                                         with_unpruned=False)
             eq, er, _ = order_parameters(result.weights, teacher.w1.numpy())
             tag = f"rw{rw}_round{rnd}"
             store[f"losses_{tag}"] = result.losses

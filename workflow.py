@@ -47,11 +47,12 @@ def train(teacher, student_h_size, nonlinearity="sigmoid", mode="normal", lr=0.5
                                momentum=momentum, progress=progress)
 
 
-def test_loss(teacher, student):
-    """1/2 mean over the test set of (y_hat - y)^2."""
+def test_loss(teacher, student, device="cpu"):
+    """1/2 mean over the test set of (y_hat - y)^2 (float32 products, float64 sums)."""
     return float(training.test_loss(student.w1.weight.detach().numpy(),
                                     student.w2.weight.detach().numpy(), teacher.test_inputs,
-                                    teacher.test_labels, student.nonlinearity))
+                                    teacher.test_labels, student.nonlinearity,
+                                    dtype=torch.float32, device=device))
 
 
 def edge_kernels(student, gram):
@@ -99,7 +100,7 @@ class PrunedResult:
     losses: np.ndarray       # (B,) measured test loss of every pruned student
     weights: np.ndarray      # (B, K, N) pruned (and reweighted) first layers
     outs: np.ndarray         # (B, K) second layers
-    unpruned_loss: float
+    unpruned_loss: float     # NaN unless asked for
 
     @property
     def mean(self):
@@ -118,13 +119,15 @@ def apply_masks(teacher, student, masks, choice, reweighting=False, hgram=None):
                            teacher.gram.numpy(), hgram)
 
 
-def test_masks(teacher, student, masks, choice, reweighting=False, hgram=None, device="cpu"):
+def test_masks(teacher, student, masks, choice, reweighting=False, hgram=None, device="cpu",
+               with_unpruned=True):
     """Test loss of the student pruned by every mask, all masks evaluated in one batch
-    (float32 matmuls on `device`, float64 sums)."""
+    (float32 matmuls on `device`, float64 sums); `with_unpruned` adds the unpruned loss."""
     weights, outs = apply_masks(teacher, student, masks, choice, reweighting, hgram)
     losses = training.test_loss(weights, outs, teacher.test_inputs, teacher.test_labels,
                                 student.nonlinearity, dtype=torch.float32, device=device)
-    return PrunedResult(np.asarray(losses), weights, outs, test_loss(teacher, student))
+    unpruned = test_loss(teacher, student, device) if with_unpruned else float("nan")
+    return PrunedResult(np.asarray(losses), weights, outs, unpruned)
 
 
 def predicted_loss(teacher, weights, outs, nonlinearity="sigmoid"):
