@@ -403,7 +403,7 @@ def draw_masks(choice, w1, w2, gram, k, num_masks, rng, kernels=None):
 # is absorbed as well as the (training) data allow. Both fits are small normal-equation
 # solves on Gram matrices.
 
-def _solve_psd(a, b):
+def solve_psd(a, b):
     """a^{-1} b for a symmetric PSD a; the minimum-norm least-squares solution if singular."""
     try:
         return scipy.linalg.solve(a, b, assume_a="pos")
@@ -421,19 +421,22 @@ def reweight_edges(w1, mask, gram):
         r = np.flatnonzero(~mask[:, i])
         out[i, s] = w1[i, s]
         if s.size and r.size:
-            out[i, s] += _solve_psd(gram[np.ix_(s, s)], gram[np.ix_(s, r)] @ w1[i, r])
+            out[i, s] += solve_psd(gram[np.ix_(s, s)], gram[np.ix_(s, r)] @ w1[i, r])
     return out
 
 
 def reweight_nodes(w2, keep, hidden_gram):
     """Fold every removed node r into the kept ones S: alpha_r = argmin ||A_S a - A_r||^2 =
     H_SS^{-1} H_Sr with H = A^T A / P the hidden-activation Gram matrix; v_S += alpha v_R,
-    v_R = 0. w2 (K,), keep (K,) bool -> (K,)."""
-    w2 = np.ravel(np.asarray(w2, dtype=np.float64))
+    v_R = 0. w2 (K,) -> (K,), or the outgoing weights of a layer with C outputs (C, K) ->
+    (C, K), every output row refit alike; keep (K,) bool."""
+    w2 = np.asarray(w2, dtype=np.float64)
+    keep = np.asarray(keep, dtype=bool)
     s, r = np.flatnonzero(keep), np.flatnonzero(~keep)
     out = np.where(keep, w2, 0.0)
     if s.size and r.size:
-        out[s] += _solve_psd(hidden_gram[np.ix_(s, s)], hidden_gram[np.ix_(s, r)]) @ w2[r]
+        alpha = solve_psd(hidden_gram[np.ix_(s, s)], hidden_gram[np.ix_(s, r)])   # (|S|, |R|)
+        out[..., s] += w2[..., r] @ alpha.T
     return out
 
 
