@@ -68,13 +68,16 @@ def _fill(inputs, labels, w1, w2, sig_w, generator, gram=None, progress=None):
     device, n = generator.device, inputs.shape[1]
     for start in range(0, inputs.shape[0], CHUNK_ROWS):
         stop = min(start + CHUNK_ROWS, inputs.shape[0])
-        x = torch.randn(stop - start, n, generator=generator, device=device)
+        if device.type == "cpu":   # draw straight into the output: no chunk copy
+            x = torch.randn(stop - start, n, generator=generator, out=inputs[start:stop])
+        else:
+            x = torch.randn(stop - start, n, generator=generator, device=device)
+            inputs[start:stop] = x.cpu()
         y = g(x @ w1.T / math.sqrt(n)) @ w2[0]
         if sig_w:
             y = y + sig_w * torch.randn(stop - start, generator=generator, device=device)
         if gram is not None:
             gram += (x.T @ x).to(gram.device, torch.float64)
-        inputs[start:stop] = x.cpu()
         labels[start:stop] = y.cpu()
         if progress is not None:
             progress(stop - start)

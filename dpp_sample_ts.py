@@ -41,8 +41,20 @@ from typing import Callable
 import numba
 import numpy as np
 import scipy.linalg
+import threadpoolctl
 
 NEG_RTOL = 1e-4  # relative size of negative eigenvalues / asymmetry accepted as rounding
+SMALL_LAPACK = 1024  # below this size LAPACK calls run on one BLAS thread (see _one_blas_thread)
+
+_BLAS = threadpoolctl.ThreadpoolController()
+
+
+def _one_blas_thread():
+    """Context in which numpy / scipy's BLAS uses one thread. The eigendecompositions and
+    solves here are small (n <= ~1000); on a busy 2-core machine OpenBLAS's threads made a
+    500 x 500 eigh up to 70 times slower (benchmarks/README.md), and one thread is never
+    much slower at these sizes."""
+    return _BLAS.limit(limits=1, user_api="blas")
 
 
 class KDPPError(ValueError):
@@ -63,7 +75,11 @@ def eig_kernel(L):
     if np.abs(L - L.T).max(initial=0.0) > NEG_RTOL * scale:
         raise KDPPError("the kernel is not symmetric (max |L - L.T| exceeds "
                         f"{NEG_RTOL:g} of max |L|).")
-    eigvals, eigvecs = np.linalg.eigh((L + L.T) / 2)
+    if L.shape[0] <= SMALL_LAPACK:
+        with _one_blas_thread():
+            eigvals, eigvecs = np.linalg.eigh((L + L.T) / 2)
+    else:
+        eigvals, eigvecs = np.linalg.eigh((L + L.T) / 2)
     return clip_eigvals(eigvals), eigvecs
 
 
@@ -415,13 +431,15 @@ def reweight_edges(w1, mask, gram):
     """Per node i with kept inputs S and removed R: w_iS += argmin_d ||X_S d - X_R w_iR||^2
     = G_SS^{-1} G_SR w_iR; w_iR = 0. w1 (K, N), mask (N, K) -> (K, N)."""
     w1 = np.asarray(w1, dtype=np.float64)
+    mask = np.asarray(mask, dtype=bool)
     out = np.zeros_like(w1)
-    for i in range(w1.shape[0]):
-        s = np.flatnonzero(mask[:, i])
-        r = np.flatnonzero(~mask[:, i])
-        out[i, s] = w1[i, s]
-        if s.size and r.size:
-            out[i, s] += solve_psd(gram[np.ix_(s, s)], gram[np.ix_(s, r)] @ w1[i, r])
+    with _one_blas_thread():
+        for i in range(w1.shape[0]):
+            s = np.flatnonzero(mask[:, i])
+            r = np.flatnonzero(~mask[:, i])
+            out[i, s] = w1[i, s]
+            if s.size and r.size:
+                out[i, s] += solve_psd(gram[np.ix_(s, s)], gram[np.ix_(s, r)] @ w1[i, r])
     return out
 
 
