@@ -11,7 +11,7 @@ import cli
 import plots
 import workflow
 from order_params import NotSpecialised, block_order, order_parameters
-from storage import load_pickle
+from storage import FileProblem, check_folder_writable, check_readable, check_writable, load_pickle
 
 
 def parse_args(argv=None):
@@ -31,26 +31,39 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def png_path(args):
+    stem = os.path.splitext(os.path.basename(args.path_to_student_mask))[0].replace("student_masks_", "")
+    return os.path.join(args.output_dir, f"order_params_{stem}{'_rw' if args.reweighting else ''}.png")
+
+
+def preflight(args):
+    """Before any work: flags in range, inputs present, the PNG writable, memory enough."""
+    cli.positive("--input_dim", args.input_dim)
+    if not 0 < args.threshold <= 1:
+        raise cli.UserError(f"--threshold must be in (0, 1], got {args.threshold}")
+    check_readable(args.path_to_teacher, "teacher file")
+    try:
+        check_readable(args.path_to_student_mask, "masks file")
+    except FileProblem:
+        if os.path.exists(args.path_to_student_mask):
+            raise
+        raise cli.UserError(f"masks file {args.path_to_student_mask} does not exist: run "
+                            "teacher_student.py --procedure pruning first (its "
+                            "--pruning_choice, --student_h_size and --k name the file "
+                            "student_masks_<choice>_<K>_<k>.pkl)") from None
+    check_folder_writable(args.output_dir, "--output_dir")
+    check_writable(png_path(args))
+    cli.check_memory(os.path.getsize(args.path_to_teacher)
+                     + 10 * os.path.getsize(args.path_to_student_mask),
+                     f"evaluating {args.path_to_student_mask}")
+
+
 def load_inputs(args):
-    teacher = load_pickle(args.path_to_teacher, "teacher file")
-    if not hasattr(teacher, "gram"):
-        raise cli.UserError(f"teacher file {args.path_to_teacher} does not hold a teacher data set")
-    if teacher.input_dim != args.input_dim:
-        raise cli.UserError(f"teacher file {args.path_to_teacher} has input dimension "
-                            f"{teacher.input_dim} but --input_dim is {args.input_dim}")
+    teacher = cli.check_teacher(load_pickle(args.path_to_teacher, "teacher file"),
+                                args.path_to_teacher, args.input_dim)
     content = load_pickle(args.path_to_student_mask, "masks file")
-    if not (isinstance(content, tuple) and len(content) == 2 and hasattr(content[1], "choice")):
-        raise cli.UserError(f"masks file {args.path_to_student_mask} does not hold "
-                            "(student, masks) from a pruning run")
-    student, masks = content
-    if masks.input_dim != args.input_dim:
-        raise cli.UserError(f"masks file {args.path_to_student_mask} has input dimension "
-                            f"{masks.input_dim} but --input_dim is {args.input_dim}")
-    if masks.teacher_id != workflow.teacher_id(teacher):
-        raise cli.UserError(f"masks file {args.path_to_student_mask} was made with another "
-                            f"teacher than {args.path_to_teacher}")
-    if not masks:
-        raise cli.UserError(f"masks file {args.path_to_student_mask} holds no masks")
+    student, masks = cli.check_masks(content, args.path_to_student_mask, args.input_dim,
+                                     teacher, args.path_to_teacher)
     return teacher, student, masks
 
 
@@ -60,8 +73,7 @@ def fmt(matrix):
 
 def main(argv=None):
     args = parse_args(argv)
-    if not 0 < args.threshold <= 1:
-        raise cli.UserError(f"--threshold must be in (0, 1], got {args.threshold}")
+    preflight(args)
     teacher, student, masks = load_inputs(args)
     w1 = student.w1.weight.detach().double().numpy()
     q, r, t = order_parameters(w1, teacher.w1.numpy())
@@ -95,8 +107,7 @@ def main(argv=None):
                  f"{theory_unpruned:.6g} vs {result.unpruned_loss:.6g}; pruned "
                  f"{theory_pruned.mean():.6g} vs {result.mean:.6g}")
 
-    stem = os.path.splitext(os.path.basename(args.path_to_student_mask))[0].replace("student_masks_", "")
-    png = os.path.join(args.output_dir, f"order_params_{stem}{'_rw' if args.reweighting else ''}.png")
+    png = png_path(args)
     plots.save_heatmaps(png, {"Q unpruned": q[np.ix_(order, order)], "R unpruned": r[order],
                               "E[Q] pruned": eq[np.ix_(order, order)], "E[R] pruned": er[order]},
                         suptitle=f"{label}; {title}")

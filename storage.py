@@ -1,21 +1,31 @@
 """Reading and writing the files the scripts pass to each other, safely.
 
-- Every write goes to a temporary file in the target folder and is renamed over the target
-  only once complete: a run killed at any moment leaves the old file or the new one, never a
-  truncated one.
+- Every write goes to a hidden temporary file `.<name>.<pid>.<random>.part` in the target
+  folder and is renamed over the target only once complete and flushed to disk: a run killed
+  at any moment leaves the old file or the new one, never a truncated one. A temporary file
+  left behind by a run killed with SIGKILL (which no program can intercept) is removed by the
+  next write of the same target once its process is gone.
+- Our pickles end with a checksum line (`#crc32:<hex>`, after the pickle's STOP opcode, so
+  plain `pickle.load` still reads them), computed while writing and checked while reading
+  (no second pass); a truncated or altered file is refused with a clear message.
 - Pickles are read through an unpickler that admits only the classes our files contain
   (numpy arrays, our own dataset / student / mask classes, builtin containers); anything
   else is refused before it can run.
-- Weight files are read with `torch.load(..., weights_only=True)`.
+- Weight files are read with `torch.load(..., weights_only=True)`, after their zip CRCs are
+  checked (torch itself does not check them).
 Problems with a file raise `FileProblem`, whose message is one sentence naming the file.
 """
 import contextlib
-import io
+import errno
 import os
 import pickle
+import re
 import tempfile
+import warnings
 import zipfile
+import zlib
 
+import numpy as np
 import torch
 
 
@@ -23,32 +33,174 @@ class FileProblem(Exception):
     """A file that cannot be used; the message names it and says what to do."""
 
 
+# ----------------------------------------------------------------------------------------
+# Writing
+
+def _part_prefix(path):
+    return "." + os.path.basename(path) + "."
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def remove_stale_parts(path):
+    """Delete temporary files of earlier writes of `path` whose writing process is gone."""
+    folder = os.path.dirname(os.path.abspath(path))
+    prefix = _part_prefix(path)
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.[^.]+\.part$")
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        match = pattern.match(name)
+        if match and int(match.group(1)) != os.getpid() and not _pid_alive(int(match.group(1))):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(folder, name))
+
+
+def _describe_os_error(e):
+    return e.strerror or type(e).__name__
+
+
+def _check_folder(folder, name):
+    """Raise FileProblem (starting with `name`) unless files can be created in `folder`, or,
+    if it does not exist yet, it can be created (it is, at write time)."""
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise FileProblem(f"{name} cannot be written: {existing} is a file, not a folder")
+    try:  # a real probe: catches read-only file systems, and permissions even for root
+        os.rmdir(tempfile.mkdtemp(prefix=".probe.", dir=existing))
+    except OSError as e:
+        raise FileProblem(f"{name} cannot be written: folder {existing} is not writable "
+                          f"({_describe_os_error(e)}); choose another location") from None
+
+
+def check_writable(path, what="output file", flag=None):
+    """Raise FileProblem unless `path` can be written (call it before any work is done):
+    a file name, not a folder, in a folder that exists and is writable or can be created."""
+    path = os.fspath(path)
+    shown = path or "''"
+    name = f"{flag} {shown}" if flag else f"{what} {shown}"
+    if not path or path.endswith(os.sep) or os.path.basename(path) in ("", ".", ".."):
+        raise FileProblem(f"{name} is not a file name; give a path such as out/file.pkl")
+    if os.path.isdir(path):
+        raise FileProblem(f"{name} is a folder; give a file name inside it")
+    _check_folder(os.path.dirname(os.path.abspath(path)), name)
+
+
+def check_folder_writable(folder, flag):
+    """Raise FileProblem unless files can be created in `folder` (created later if missing)."""
+    folder = os.fspath(folder)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise FileProblem(f"{flag} {folder} is a file, not a folder")
+    _check_folder(os.path.abspath(folder), f"{flag} {folder}")
+
+
 @contextlib.contextmanager
 def atomic_open(path, mode="wb"):
-    """Open a temporary sibling of `path` for writing; rename it to `path` on success."""
+    """Open a temporary sibling of `path` for writing; rename it to `path` on success.
+
+    OS errors (folder not writable, disk full, path is a folder) become FileProblem.
+    """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".part",
-                               dir=folder)
+    try:
+        if os.path.isdir(path):
+            raise IsADirectoryError(errno.EISDIR, "is a folder", path)
+        os.makedirs(folder, exist_ok=True)
+        remove_stale_parts(path)
+        fd, tmp = tempfile.mkstemp(prefix=f"{_part_prefix(path)}{os.getpid()}.", suffix=".part",
+                                   dir=folder)
+    except OSError as e:
+        raise FileProblem(f"{path} cannot be written ({_describe_os_error(e)}); choose "
+                          "another location") from None
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
     try:
+        os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as e:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise FileProblem(f"{path} could not be written ({_describe_os_error(e)}); the "
+                              "previous file, if any, is unchanged") from None
         raise
+    _fsync_folder(folder)
+
+
+def _fsync_folder(folder):
+    """Make the rename itself durable (best effort; not every file system supports it)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+_TRAILER_TAG = b"\n#crc32:"
+_TRAILER_LEN = len(_TRAILER_TAG) + 8 + 1
+
+
+def _trailer(crc):
+    return _TRAILER_TAG + b"%08x\n" % crc
+
+
+class _HashingWriter:
+    """A write-only file that checksums (CRC-32) what passes through it."""
+
+    def __init__(self, f):
+        self._f, self.crc = f, 0
+
+    def write(self, data):
+        self.crc = zlib.crc32(data, self.crc)
+        return self._f.write(data)
+
+
+class _HashingReader:
+    """The file as the unpickler reads it, checksummed on the way (one pass over the data,
+    so a checked load runs at the speed of an unchecked one)."""
+
+    def __init__(self, f):
+        self._f, self.crc = f, 0
+
+    def read(self, n=-1):
+        data = self._f.read(n)
+        self.crc = zlib.crc32(data, self.crc)
+        return data
+
+    def readinto(self, buffer):
+        n = self._f.readinto(buffer)
+        self.crc = zlib.crc32(memoryview(buffer)[:n], self.crc)
+        return n
+
+    def readline(self):
+        data = self._f.readline()
+        self.crc = zlib.crc32(data, self.crc)
+        return data
 
 
 def save_pickle(obj, path):
+    """Pickle `obj` (protocol 5) to `path` atomically, followed by a checksum line."""
     with atomic_open(path) as f:
-        pickle.dump(obj, f, protocol=5)
+        writer = _HashingWriter(f)
+        pickle.dump(obj, writer, protocol=5)
+        f.write(_trailer(writer.crc))
 
 
 def save_state_dict(state_dict, path):
@@ -56,11 +208,28 @@ def save_state_dict(state_dict, path):
         torch.save(state_dict, f)
 
 
+# ----------------------------------------------------------------------------------------
+# Reading pickles
+
+def _checked_rebuild_student(input_dim, hidden_size, nonlinearity, mode, w1, w2):
+    """models._rebuild_student, after checking that its arguments are plausible, so that a
+    corrupted file cannot make it allocate an enormous network."""
+    import models
+    ok = (isinstance(input_dim, int) and isinstance(hidden_size, int)
+          and 0 < input_dim and 0 < hidden_size
+          and isinstance(w1, np.ndarray) and isinstance(w2, np.ndarray)
+          and w1.shape == (hidden_size, input_dim) and w2.size == hidden_size
+          and nonlinearity in models.NONLINEARITIES and mode in models.MODES)
+    if not ok:
+        raise pickle.UnpicklingError("inconsistent student record")
+    return models._rebuild_student(input_dim, hidden_size, nonlinearity, mode, w1, w2)
+
+
 # (module, name) pairs our pickles may reference. numpy moved its internals between 1.x and
 # 2.x (numpy.core -> numpy._core), so both spellings are admitted.
 _ALLOWED = {
     ("builtins", "list"), ("builtins", "dict"), ("builtins", "tuple"), ("builtins", "set"),
-    ("builtins", "frozenset"), ("builtins", "bytearray"), ("builtins", "slice"),
+    ("builtins", "frozenset"), ("builtins", "slice"),
     ("collections", "OrderedDict"),
     ("numpy", "ndarray"), ("numpy", "dtype"),
     ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct"),
@@ -69,15 +238,20 @@ _ALLOWED = {
     ("data", "TeacherDataset"),
     ("models", "_rebuild_student"),
     ("dpp_sample_ts", "MaskList"),
-    ("dpp_sample_ts", "EdgeKernels"),
 }
+_REPLACED = {("models", "_rebuild_student"): _checked_rebuild_student}
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
+        if (module, name) in _REPLACED:
+            return _REPLACED[(module, name)]
         if (module, name) in _ALLOWED or (module == "numpy.dtypes" and name.endswith("DType")):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("refusing to load persistent id")
 
 
 def load_pickle(path, what="file"):
@@ -86,7 +260,11 @@ def load_pickle(path, what="file"):
     _check_exists(path, what)
     try:
         with open(path, "rb") as f:
-            return _RestrictedUnpickler(f).load()
+            reader = _HashingReader(f)
+            obj = _RestrictedUnpickler(reader).load()
+            rest = f.read(_TRAILER_LEN + 1)
+    except FileProblem:
+        raise
     except pickle.UnpicklingError as e:
         if str(e).startswith("refusing"):
             raise FileProblem(f"{what} {path} contains objects this project never writes "
@@ -94,32 +272,80 @@ def load_pickle(path, what="file"):
                               "since it could run code on this machine") from None
         raise FileProblem(f"{what} {path} is not a valid pickle (truncated or corrupted?); "
                           "write it again") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
-            MemoryError, OverflowError, ImportError) as e:
+    except OSError as e:
+        raise FileProblem(f"{what} {path} cannot be read ({_describe_os_error(e)})") from None
+    except RecursionError:
+        raise FileProblem(f"{what} {path} is corrupted (nested too deeply); write it "
+                          "again") from None
+    except Exception as e:  # noqa: BLE001 - only allowlisted constructors ran; any failure
+        # of theirs means the content is damaged
         raise FileProblem(f"{what} {path} is truncated or corrupted ({type(e).__name__}); "
                           "write it again") from None
+    if not rest or rest == _trailer(reader.crc):
+        return obj          # checked, or a plain pickle (not ours: its content is checked)
+    if (len(rest) < _TRAILER_LEN and _TRAILER_TAG.startswith(rest[:len(_TRAILER_TAG)])):
+        raise FileProblem(f"{what} {path} is truncated (its checksum line is cut short); "
+                          "write it again")
+    if rest.startswith(_TRAILER_TAG) and len(rest) == _TRAILER_LEN:
+        raise FileProblem(f"{what} {path} is corrupted (its checksum does not match its "
+                          "content); write it again")
+    raise FileProblem(f"{what} {path} is corrupted (unexpected bytes after the pickle); "
+                      "write it again")
 
+
+# ----------------------------------------------------------------------------------------
+# Reading weight files
 
 def load_state_dict(path, what="weights file"):
     """Load a state_dict written by `save_state_dict` (tensors only, nothing executed)."""
     path = os.fspath(path)
     _check_exists(path, what)
+    again = "pass the .pth file that training wrote"
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError,
+                NotImplementedError):
+            bad = "?"
+        if bad is not None:
+            raise FileProblem(f"{what} {path} is corrupted (a checksum inside it does not "
+                              f"match); {again}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile,
-            io.UnsupportedOperation, KeyError, AttributeError, TypeError) as e:
-        raise FileProblem(f"{what} {path} cannot be read as a torch state_dict "
-                          f"({str(e).splitlines()[0][:120] if str(e) else type(e).__name__}); "
-                          "pass the .pth that training wrote") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        refused = re.search(r"nsupported (?:global: )?GLOBAL ([\w.]+)", str(e))
+        if refused:
+            raise FileProblem(f"{what} {path} contains objects other than tensors "
+                              f"({refused.group(1)}); it was not loaded, since it could run "
+                              f"code on this machine; {again}") from None
+        raise FileProblem(f"{what} {path} is not a torch weights file (truncated, corrupted "
+                          f"or another format); {again}") from None
+    except OSError as e:
+        raise FileProblem(f"{what} {path} cannot be read ({_describe_os_error(e)})") from None
+    except Exception:  # noqa: BLE001 - torch reports damaged archives in many ways
+        raise FileProblem(f"{what} {path} is not a torch weights file (truncated, corrupted "
+                          f"or another format); {again}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise FileProblem(f"{what} {path} does not hold a state_dict of tensors")
+        raise FileProblem(f"{what} {path} does not hold a state_dict of tensors; {again}")
     return state
 
 
 def _check_exists(path, what):
+    if not path:
+        raise FileProblem(f"{what} path is empty; give a file name")
     if not os.path.exists(path):
         raise FileProblem(f"{what} {path} does not exist")
     if os.path.isdir(path):
         raise FileProblem(f"{what} {path} is a folder, not a file")
+    if not os.access(path, os.R_OK):
+        raise FileProblem(f"{what} {path} is not readable (check its permissions)")
     if os.path.getsize(path) == 0:
         raise FileProblem(f"{what} {path} is empty; write it again")
+
+
+def check_readable(path, what):
+    """Raise FileProblem unless `path` is an existing, non-empty, readable file."""
+    _check_exists(os.fspath(path), what)

@@ -8,9 +8,9 @@ import time
 from tqdm import tqdm
 
 import cli
-from data import dataset_nbytes, generate_teacher
+from data import CHUNK_ROWS, dataset_nbytes, generate_teacher
 from models import MODES
-from storage import save_pickle
+from storage import check_writable, save_pickle
 
 
 def parse_args(argv=None):
@@ -38,6 +38,7 @@ def parse_args(argv=None):
 
 
 def validate(args):
+    """Check the flags, the output location, memory and disk before anything is generated."""
     cli.positive("--input_dim", args.input_dim)
     cli.positive("--teacher_h_size", args.teacher_h_size)
     cli.positive("--num_data", args.num_data)
@@ -47,9 +48,16 @@ def validate(args):
     cli.finite("--sig_w", args.sig_w)
     cli.positive("--sig_w", args.sig_w, allow_zero=True)
     cli.finite("--v_star", args.v_star)
+    cli.seed("--seed", args.seed)
     args.device = cli.resolve_device(args.device, "--device")
-    cli.check_memory(int(1.1 * dataset_nbytes(args.input_dim, args.num_data)),
-                     f"a data set of {args.num_data} samples of dimension {args.input_dim}")
+    check_writable(args.teacher_path, flag="--teacher_path")
+    nbytes = dataset_nbytes(args.input_dim, args.num_data)
+    n, m = args.input_dim, args.teacher_h_size
+    working = 4 * (n * m + CHUNK_ROWS * (2 * n + 2 * m + 2))  # teacher weights, one chunk
+    sizes = (f"--num_data {args.num_data} with --input_dim {args.input_dim} and "
+             f"--teacher_h_size {args.teacher_h_size}")
+    cli.check_memory(int(1.1 * nbytes) + working, sizes)
+    cli.check_disk(nbytes, args.teacher_path, f"--teacher_path {args.teacher_path} ({sizes})")
 
 
 def main(argv=None):

@@ -15,9 +15,10 @@ from tqdm import tqdm
 
 import cli
 import workflow
-from dpp_sample_ts import PRUNERS, k_range
+from dpp_sample_ts import PRUNERS, KDPPError, k_range
 from models import MODES, NONLINEARITIES, student_from_weights
-from storage import load_pickle, load_state_dict, save_pickle, save_state_dict
+from storage import (FileProblem, check_folder_writable, check_readable, check_writable,
+                     load_pickle, load_state_dict, save_pickle, save_state_dict)
 
 PROCEDURES = ("training", "pruning", "testing")
 
@@ -79,6 +80,7 @@ def validate(args):
         raise cli.UserError(f"--mode must be one of {', '.join(MODES)}, got {args.mode!r}")
     cli.positive("--input_dim", args.input_dim)
     cli.positive("--student_h_size", args.student_h_size)
+    cli.seed("--seed", args.seed)
     if args.procedure == "training":
         cli.finite("--lr", args.lr)
         cli.positive("--lr", args.lr)
@@ -91,9 +93,12 @@ def validate(args):
         raise cli.UserError(f"--pruning_choice must be one of {', '.join(PRUNERS)}, got {args.pruning_choice!r}")
     lo, hi = k_range(args.pruning_choice, args.input_dim, args.student_h_size)
     if not lo <= args.k <= hi:
-        unit = "hidden nodes" if PRUNERS[args.pruning_choice].granularity == "node" else "weights per node"
+        if PRUNERS[args.pruning_choice].granularity == "node":
+            what = f"hidden nodes kept, at most --student_h_size {args.student_h_size}"
+        else:
+            what = f"weights kept per hidden node, at most --input_dim {args.input_dim}"
         raise cli.UserError(f"--k {args.k} is out of range for {args.pruning_choice}: it counts "
-                            f"{unit}, so it must be in {lo}..{hi}")
+                            f"{what}, so it must be in {lo}..{hi}")
     if args.procedure == "pruning":
         cli.positive("--num_masks", args.num_masks)
         if args.trained_weights == "place_holder":
@@ -101,14 +106,89 @@ def validate(args):
                                 f"student_{args.student_h_size}.pth that training wrote")
 
 
+def output_path(args):
+    """The file this procedure writes (None for testing)."""
+    if args.procedure == "training":
+        name = workflow.student_filename(args.student_h_size)
+    elif args.procedure == "pruning":
+        name = workflow.masks_filename(args.pruning_choice, args.student_h_size, args.k)
+    else:
+        return None
+    return os.path.join(args.output_dir, name)
+
+
+def masks_path(args):
+    return os.path.join(args.output_dir, workflow.masks_filename(
+        args.pruning_choice, args.student_h_size, args.k))
+
+
+def kernel_path(args):
+    return args.kernel_path or os.path.join(args.output_dir,
+                                            workflow.kernels_filename(args.student_h_size))
+
+
+def _same_file(a, b):
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+def preflight(args):
+    """Before any work: every input file is there, every output can be written, and the job
+    fits in memory."""
+    check_readable(args.teacher_path, "teacher file")
+    inputs = [("--teacher_path", args.teacher_path)]
+    outputs = []
+    extra = 8 * 6 * args.student_h_size * args.input_dim  # weights, buffers, copies
+    if args.procedure == "training":
+        outputs.append(output_path(args))
+    elif args.procedure == "pruning":
+        check_readable(args.trained_weights, "weights file")
+        inputs.append(("--trained_weights", args.trained_weights))
+        outputs.append(output_path(args))
+        n, h = args.input_dim, args.student_h_size
+        extra += 5 * args.num_masks * n * h           # bool masks, then float32 copies
+        if args.pruning_choice == "dpp_edge":
+            extra += 8 * (h + 3) * n * n              # kernels, one eigendecomposition
+            if args.load_from_pkl:
+                check_readable(kernel_path(args), "kernel file")
+                extra += os.path.getsize(kernel_path(args))
+            else:
+                outputs.append(kernel_path(args))
+                if args.kernel_path:
+                    check_writable(args.kernel_path, flag="--kernel_path")
+    else:
+        path = masks_path(args)
+        try:
+            check_readable(path, "masks file")
+        except FileProblem:
+            if os.path.exists(path):
+                raise
+            raise cli.UserError(f"masks file {path} does not exist: run --procedure pruning "
+                                f"with the same --pruning_choice, --student_h_size, --k and "
+                                f"--output_dir first") from None
+        extra += 8 * os.path.getsize(path)            # masks as float64 students, batched
+    if outputs:
+        check_folder_writable(args.output_dir, "--output_dir")
+    for out in outputs:
+        check_writable(out)
+        for flag, path in inputs:
+            if _same_file(out, path):
+                raise cli.UserError(f"{out} would overwrite the {flag} file; choose another "
+                                    "--output_dir or --kernel_path")
+    what = (f"{args.procedure} with this teacher file and --input_dim {args.input_dim}, "
+            f"--student_h_size {args.student_h_size}"
+            + (f", --num_masks {args.num_masks}" if args.procedure == "pruning" else ""))
+    cli.check_memory(os.path.getsize(args.teacher_path) + extra, what)
+    if args.procedure == "pruning":
+        cli.check_disk(4 * args.num_masks * args.input_dim * args.student_h_size,
+                       output_path(args), what)
+
+
 def load_teacher(args):
     teacher = load_pickle(args.teacher_path, "teacher file")
-    if not hasattr(teacher, "gram"):
-        raise cli.UserError(f"teacher file {args.teacher_path} does not hold a teacher data set")
-    if teacher.input_dim != args.input_dim:
-        raise cli.UserError(f"teacher file {args.teacher_path} has input dimension "
-                            f"{teacher.input_dim} but --input_dim is {args.input_dim}")
-    return teacher
+    return cli.check_teacher(teacher, args.teacher_path, args.input_dim)
 
 
 def load_student(args):
@@ -121,6 +201,9 @@ def load_student(args):
         raise cli.UserError(f"weights file {args.trained_weights} holds a student of shape "
                             f"{tuple(w1.shape)} but --student_h_size {args.student_h_size} and "
                             f"--input_dim {args.input_dim} ask for ({args.student_h_size}, {args.input_dim})")
+    if not (w1.is_floating_point() and w2.is_floating_point()):
+        raise cli.UserError(f"weights file {args.trained_weights} holds {w1.dtype} weights, not "
+                            "floating point; pass the student_<K>.pth that training wrote")
     if not (torch.isfinite(w1).all() and torch.isfinite(w2).all()):
         raise cli.UserError(f"weights file {args.trained_weights} holds non-finite weights "
                             "(training diverged?); train again with a smaller --lr")
@@ -128,7 +211,7 @@ def load_student(args):
 
 
 def run_training(args, teacher):
-    out = os.path.join(args.output_dir, workflow.student_filename(args.student_h_size))
+    out = output_path(args)
     start = time.time()
     with tqdm(total=len(teacher) * args.epoch, unit="sample", unit_scale=True,
               desc="online SGD") as bar:
@@ -148,16 +231,24 @@ def run_training(args, teacher):
 def dpp_edge_kernels(args, teacher, student):
     """dpp_edge kernels of the rescaled student: read from the kernel pickle with
     --load_from_pkl 1, otherwise built and saved there for the next run."""
-    path = args.kernel_path or os.path.join(args.output_dir,
-                                            workflow.kernels_filename(args.student_h_size))
+    path = kernel_path(args)
     unpruned = workflow.rescaled(student)
     wid = workflow.weights_id(unpruned.w1.weight.detach().double().numpy())
     if args.load_from_pkl:
         cache = load_pickle(path, "kernel file")
-        if not isinstance(cache, dict) or cache.get("weights_id") != wid:
+        if not isinstance(cache, dict) or not {"weights_id", "kernels"} <= cache.keys():
+            raise cli.UserError(f"kernel file {path} does not hold dpp_edge kernels; rerun with "
+                                "--load_from_pkl 0 to build it")
+        if cache["weights_id"] != wid:
             raise cli.UserError(f"kernel file {path} was built for another student; rerun "
                                 "with --load_from_pkl 0 to rebuild it")
-        return cache["kernels"]
+        kernels, n = cache["kernels"], args.input_dim
+        if not (isinstance(kernels, list) and len(kernels) == args.student_h_size and all(
+                isinstance(L, np.ndarray) and L.shape == (n, n) and np.isfinite(L).all()
+                for L in kernels)):
+            raise cli.UserError(f"kernel file {path} holds damaged kernels; rerun with "
+                                "--load_from_pkl 0 to rebuild it")
+        return kernels
     kernels = workflow.edge_kernels(unpruned, teacher.gram.numpy())
     save_pickle({"weights_id": wid, "kernels": kernels}, path)
     cli.log.info(f"dpp_edge kernels written to {path}")
@@ -166,12 +257,16 @@ def dpp_edge_kernels(args, teacher, student):
 
 def run_pruning(args, teacher):
     student = load_student(args)
-    out = os.path.join(args.output_dir, workflow.masks_filename(
-        args.pruning_choice, args.student_h_size, args.k))
+    out = output_path(args)
     kernels = dpp_edge_kernels(args, teacher, student) if args.pruning_choice == "dpp_edge" else None
     start = time.time()
-    unpruned, masks = workflow.prune(teacher, student, args.pruning_choice, args.k,
-                                     args.num_masks, args.seed, kernels)
+    try:
+        unpruned, masks = workflow.prune(teacher, student, args.pruning_choice, args.k,
+                                         args.num_masks, args.seed, kernels)
+    except KDPPError as e:
+        raise cli.UserError(f"--k {args.k} cannot be drawn by {args.pruning_choice} for this "
+                            f"student ({str(e).rstrip('.')}); use a smaller --k") from None
+    masks.teacher_data_id = cli.teacher_data_id(teacher)  # checked by testing and evaluate.py
     cli.log.info(f"{args.num_masks} {args.pruning_choice} masks (k = {args.k}) drawn in "
                  f"{time.time() - start:.1f} s")
     save_pickle((unpruned, masks), out)
@@ -179,9 +274,7 @@ def run_pruning(args, teacher):
 
 
 def run_testing(args, teacher):
-    path = os.path.join(args.output_dir, workflow.masks_filename(
-        args.pruning_choice, args.student_h_size, args.k))
-    student, masks = load_masks(path, args, teacher)
+    student, masks = load_masks(masks_path(args), args, teacher)
     result = workflow.test_masks(teacher, student, masks, args.pruning_choice,
                                  bool(args.reweighting))
     losses = result.losses
@@ -194,19 +287,18 @@ def run_testing(args, teacher):
 def load_masks(path, args, teacher):
     """The (unpruned student, masks) pickle of a pruning run, checked against the flags."""
     content = load_pickle(path, "masks file")
-    if not (isinstance(content, tuple) and len(content) == 2 and hasattr(content[1], "choice")):
-        raise cli.UserError(f"masks file {path} does not hold (student, masks) from a pruning run")
-    student, masks = content
+    student, masks = cli.check_masks(content, path)
+    flags = ("--pruning_choice", "--student_h_size", "--k", "--input_dim")
     asked = (args.pruning_choice, args.student_h_size, args.k, args.input_dim)
     found = (masks.choice, masks.student_h_size, masks.k, masks.input_dim)
-    if asked != found:
-        raise cli.UserError(f"masks file {path} was made with pruning_choice, student_h_size, k, "
-                            f"input_dim = {found} but the flags say {asked}")
-    if masks.teacher_id != workflow.teacher_id(teacher):
-        raise cli.UserError(f"masks file {path} was made with another teacher than "
-                            f"{args.teacher_path}; prune again with this teacher")
-    if not masks:
-        raise cli.UserError(f"masks file {path} holds no masks")
+    differ = [(flag, a, f) for flag, a, f in zip(flags, asked, found) if a != f]
+    if differ:
+        made = " ".join(f"{flag} {f}" for flag, _, f in differ)
+        said = " ".join(f"{flag} {a}" for flag, a, _ in differ)
+        raise cli.UserError(f"masks file {path} was made with {made}, not {said}; use the "
+                            "flags of the pruning run or prune again with these")
+    cli.check_same_teacher(masks, teacher, path, args.teacher_path,
+                           "prune again with this teacher")
     if (student.nonlinearity, student.mode) != (args.nonlinearity, args.mode):
         raise cli.UserError(f"masks file {path} holds a {student.nonlinearity}/{student.mode} "
                             f"student but the flags say {args.nonlinearity}/{args.mode}")
@@ -216,6 +308,7 @@ def load_masks(path, args, teacher):
 def main(argv=None):
     args = parse_args(argv)
     validate(args)
+    preflight(args)
     teacher = load_teacher(args)
     if args.procedure == "training":
         run_training(args, teacher)
