@@ -225,24 +225,10 @@ def check_teacher(teacher, path, input_dim=None, flag="--input_dim"):
     return teacher
 
 
-def teacher_data_id(teacher):
-    """A fingerprint of a whole teacher data set: its weights, Gram matrix, labels and
-    settings. (workflow.teacher_id hashes the weights only, which are the same for every
-    --num_data and --sig_w with one --seed.)"""
-    import hashlib
-    digest = hashlib.sha1()
-    for name in ("w1", "w2", "gram", "labels", "test_labels"):
-        digest.update(getattr(teacher, name).numpy().tobytes())
-    digest.update(repr(sorted(teacher.settings.items())).encode())
-    return digest.hexdigest()[:16]
-
-
 def check_same_teacher(masks, teacher, path, teacher_path, again):
     """Raise UserError unless the masks were drawn for this teacher data set."""
     import workflow
-    data_id = getattr(masks, "teacher_data_id", None)
-    if masks.teacher_id != workflow.teacher_id(teacher) or (
-            data_id is not None and data_id != teacher_data_id(teacher)):
+    if masks.teacher_id != workflow.teacher_id(teacher):
         raise UserError(f"masks file {path} was made with another teacher than "
                         f"{teacher_path}; {again}")
 

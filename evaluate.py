@@ -28,6 +28,8 @@ def parse_args(argv=None):
                         help="|R| a student node needs to count as aligned to a teacher node (default: 0.7)")
     parser.add_argument("--output_dir", type=str, default=".",
                         help="folder for the heatmap PNG (default: the current one)")
+    parser.add_argument("--device", type=str, default="cpu",
+                        help="torch device of the batched testing: cpu, cuda or auto (default: cpu)")
     return parser.parse_args(argv)
 
 
@@ -73,11 +75,13 @@ def fmt(matrix):
 
 def main(argv=None):
     args = parse_args(argv)
+    args.device = cli.resolve_device(args.device)
     preflight(args)
     teacher, student, masks = load_inputs(args)
     w1 = student.w1.weight.detach().double().numpy()
     q, r, t = order_parameters(w1, teacher.w1.numpy())
-    result = workflow.test_masks(teacher, student, masks, masks.choice, bool(args.reweighting))
+    result = workflow.test_masks(teacher, student, masks, masks.choice, bool(args.reweighting),
+                                 device=args.device)
     eq, er, _ = order_parameters(result.weights, teacher.w1.numpy())
     eq, er = eq.mean(axis=0), er.mean(axis=0)
 

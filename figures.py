@@ -37,7 +37,7 @@ class Run:
         r = self.record
         return (f"preset '{self.preset_name}': N = {r['input_dim']}, P = {r['num_data']}, "
                 f"{r['rounds']} rounds x {r['num_masks']} masks per cell, seed {r['seed']}, "
-                f"folder {self.out}")
+                f"folder {os.path.relpath(self.out, ROOT)}")
 
     def cell(self, noise, student_h_size, method, k):
         return np.load(sweep.cell_path(self.out, sweep.Cell(float(noise), student_h_size,

@@ -67,11 +67,14 @@ def parse_args(argv=None):
                         help="Path to the teacher network and dataset.")
     parser.add_argument("--output_dir", type=str, default=".",
                         help="folder for the files this script writes (default: the current one)")
+    parser.add_argument("--device", type=str, default="cpu",
+                        help="torch device of the batched testing: cpu, cuda or auto (default: cpu)")
     return parser.parse_args(argv)
 
 
 def validate(args):
     """Check the flags before anything is read or written."""
+    args.device = cli.resolve_device(args.device)
     if args.procedure not in PROCEDURES:
         raise cli.UserError(f"--procedure must be one of {', '.join(PROCEDURES)}, got {args.procedure!r}")
     if args.nonlinearity not in NONLINEARITIES:
@@ -266,7 +269,6 @@ def run_pruning(args, teacher):
     except KDPPError as e:
         raise cli.UserError(f"--k {args.k} cannot be drawn by {args.pruning_choice} for this "
                             f"student ({str(e).rstrip('.')}); use a smaller --k") from None
-    masks.teacher_data_id = cli.teacher_data_id(teacher)  # checked by testing and evaluate.py
     cli.log.info(f"{args.num_masks} {args.pruning_choice} masks (k = {args.k}) drawn in "
                  f"{time.time() - start:.1f} s")
     save_pickle((unpruned, masks), out)
@@ -276,7 +278,7 @@ def run_pruning(args, teacher):
 def run_testing(args, teacher):
     student, masks = load_masks(masks_path(args), args, teacher)
     result = workflow.test_masks(teacher, student, masks, args.pruning_choice,
-                                 bool(args.reweighting))
+                                 bool(args.reweighting), device=args.device)
     losses = result.losses
     cli.log.info(f"unpruned MLP test loss: {result.unpruned_loss}")
     cli.log.info(f"pruned MLP avg. test loss: {losses.mean()}")

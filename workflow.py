@@ -30,8 +30,14 @@ def kernels_filename(student_h_size):
 
 
 def teacher_id(teacher):
-    """A short fingerprint of a teacher (its weights), to match files of the same run."""
-    return hashlib.sha1(teacher.w1.numpy().tobytes()).hexdigest()[:16]
+    """A short fingerprint of a whole teacher data set (weights, Gram matrix, labels and
+    settings; the weights alone are the same for every --num_data and --sig_w of one
+    --seed), to match the files of one run."""
+    digest = hashlib.sha1()
+    for name in ("w1", "w2", "gram", "labels", "test_labels"):
+        digest.update(getattr(teacher, name).numpy().tobytes())
+    digest.update(repr(sorted(teacher.settings.items())).encode())
+    return digest.hexdigest()[:16]
 
 
 def weights_id(w1):
