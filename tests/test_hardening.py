@@ -4,13 +4,10 @@ Every user mistake must end as exit status 2 with one line on stderr naming the 
 no traceback, and no output file created or modified. Most calls run `main(argv)` in-process
 through `cli.run` (a subprocess costs ~3 s of imports); a few run the real scripts.
 """
-import contextlib
 import hashlib
-import io
 import os
 import pickle
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -21,39 +18,15 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-import cli
-import evaluate
 import storage
-import teacher_dataset
-import teacher_student
+from entry_points import call
 
 N, P, K = 10, 2000, 3
 NODE_K, EDGE_K = 2, 4
-SCRIPTS = {"teacher_dataset.py": teacher_dataset, "teacher_student.py": teacher_student,
-           "evaluate.py": evaluate}
 
 
 # ----------------------------------------------------------------------------------------
 # Helpers
-
-def call(script, argv):
-    """Run a script's main(argv) as `cli.run` does -> (exit status, stdout, stderr).
-
-    Only SystemExit may leave cli.run; any other exception propagates and fails the test
-    (that would be a traceback for the user)."""
-    out, err = io.StringIO(), io.StringIO()
-    handler = signal.getsignal(signal.SIGTERM)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                cli.run(SCRIPTS[script].main, [str(a) for a in argv])
-                code = 0
-            except SystemExit as e:
-                code = 0 if e.code is None else e.code
-    finally:
-        signal.signal(signal.SIGTERM, handler)
-    return code, out.getvalue(), err.getvalue()
-
 
 def run_script(root, cwd, script, *argv, timeout=120):
     """The real script in a subprocess -> CompletedProcess (text)."""

@@ -1,7 +1,6 @@
 """Untrusted pickles and weight files never run code; interrupted writes never leave a
 truncated output; every output goes through storage.atomic_open."""
 import builtins
-import contextlib
 import glob
 import io
 import os
@@ -16,32 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-import cli
-import evaluate
 import storage
-import teacher_dataset
-import teacher_student
+from entry_points import call
 
 N, K = 10, 3
-SCRIPTS = {"teacher_dataset.py": teacher_dataset, "teacher_student.py": teacher_student,
-           "evaluate.py": evaluate}
-
-
-def call(script, argv):
-    """main(argv) as `cli.run` runs it -> (exit status, stdout, stderr); anything but
-    SystemExit escaping cli.run fails the test."""
-    out, err = io.StringIO(), io.StringIO()
-    handler = signal.getsignal(signal.SIGTERM)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                cli.run(SCRIPTS[script].main, [str(a) for a in argv])
-                code = 0
-            except SystemExit as e:
-                code = 0 if e.code is None else e.code
-    finally:
-        signal.signal(signal.SIGTERM, handler)
-    return code, out.getvalue(), err.getvalue()
 
 
 def ts_args(d, *extra):
@@ -231,8 +208,9 @@ def parts(folder):
     return glob.glob(os.path.join(folder, ".teacher.pkl.*.part"))
 
 
-def test_sigkill_while_writing_leaves_the_old_file_intact(root, good, tmp_path):
-    d = str(tmp_path)
+def signal_while_writing(root, good, d, signum):
+    """Start teacher_dataset.py over an existing good teacher file and send `signum` while
+    the temporary file is being written -> (return code, path of the target, old bytes)."""
     target = os.path.join(d, "teacher.pkl")
     shutil.copy(os.path.join(good, "teacher.pkl"), target)
     old = open(target, "rb").read()
@@ -240,11 +218,17 @@ def test_sigkill_while_writing_leaves_the_old_file_intact(root, good, tmp_path):
     try:
         wait_for(lambda: any(os.path.getsize(p) > 0 for p in parts(d)), proc,
                  "the temporary file was being written")
-        proc.send_signal(signal.SIGKILL)
+        proc.send_signal(signum)
         proc.wait(30)
     finally:
         err.close()
-    assert proc.returncode == -signal.SIGKILL
+    return proc.returncode, target, old
+
+
+def test_sigkill_while_writing_leaves_the_old_file_intact(root, good, tmp_path):
+    d = str(tmp_path)
+    code, target, old = signal_while_writing(root, good, d, signal.SIGKILL)
+    assert code == -signal.SIGKILL
     assert open(target, "rb").read() == old
     assert storage.load_pickle(target, "teacher file").input_dim == N
     # What SIGKILL leaves behind is hidden, and removed by the next write of the same target.
@@ -274,18 +258,8 @@ def test_sigkill_while_generating_leaves_no_file(root, tmp_path):
 def test_sigterm_while_writing_cleans_up(root, good, tmp_path):
     """SIGTERM (kill, job schedulers) unwinds: the temporary file is removed too."""
     d = str(tmp_path)
-    target = os.path.join(d, "teacher.pkl")
-    shutil.copy(os.path.join(good, "teacher.pkl"), target)
-    old = open(target, "rb").read()
-    proc, err = start_teacher_dataset(root, d, target)
-    try:
-        wait_for(lambda: any(os.path.getsize(p) > 0 for p in parts(d)), proc,
-                 "the temporary file was being written")
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
-    finally:
-        err.close()
-    assert proc.returncode == 143
+    code, target, old = signal_while_writing(root, good, d, signal.SIGTERM)
+    assert code == 143
     assert open(target, "rb").read() == old and not parts(d)
     assert "terminated" in open(os.path.join(d, "stderr.txt")).read()
 
