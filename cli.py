@@ -4,6 +4,7 @@ Every problem a user can cause (a bad flag, a missing or mismatched file, a job 
 the machine) ends as one sentence on stderr and exit status 2, never a traceback.
 """
 import argparse
+import contextlib
 import logging
 import os
 import shutil
@@ -51,7 +52,7 @@ def run(main, argv=None):
     progress removes its temporary file and the previous output stays as it was.
     """
     prog = os.path.basename(sys.argv[0])
-    with _suppress_value_error():
+    with contextlib.suppress(ValueError):   # signal.signal works only in the main thread
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         main(argv)
@@ -74,16 +75,6 @@ def run(main, argv=None):
         sys.stderr.write(f"{prog}: error: {e.strerror or e}{where}; nothing was left half "
                          "written\n")
         sys.exit(2)
-
-
-class _suppress_value_error:
-    """signal.signal only works in the main thread; elsewhere (tests) do without."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, value, tb):
-        return kind is ValueError
 
 
 def available_memory():
