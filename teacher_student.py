@@ -112,12 +112,10 @@ def validate(args):
 def output_path(args):
     """The file this procedure writes (None for testing)."""
     if args.procedure == "training":
-        name = workflow.student_filename(args.student_h_size)
-    elif args.procedure == "pruning":
-        name = workflow.masks_filename(args.pruning_choice, args.student_h_size, args.k)
-    else:
-        return None
-    return os.path.join(args.output_dir, name)
+        return os.path.join(args.output_dir, workflow.student_filename(args.student_h_size))
+    if args.procedure == "pruning":
+        return masks_path(args)
+    return None
 
 
 def masks_path(args):
