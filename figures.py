@@ -163,11 +163,9 @@ def figure_theory_vs_simulation(run):
 def random_edge_curve(run, noise, student_h_size, fractions):
     """Closed-form loss of random_edge pruning against the fraction f of edges kept, from
     the unpruned student's order parameters; None if the student has not specialised."""
-    k = next(c.k for c in sweep.grid(run.preset) if c.noise == noise
-             and c.student_h_size == student_h_size)
-    method = next(c.method for c in sweep.grid(run.preset) if c.noise == noise
-                  and c.student_h_size == student_h_size)
-    with run.cell(noise, student_h_size, method, k) as z:
+    cell = next(c for c in sweep.grid(run.preset) if c.noise == noise
+                and c.student_h_size == student_h_size)   # any cell stores the unpruned student
+    with run.cell(noise, student_h_size, cell.method, cell.k) as z:
         q, r, t, v, v_star = (z[name] for name in ("unpruned_q", "unpruned_r", "t", "v", "v_star"))
     try:
         block_order(r)

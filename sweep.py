@@ -188,7 +188,8 @@ def _load(preset, out, noise, student_h_size):
         tpath = teacher_path(out, noise)
         teacher = next((v[0] for k, v in _CACHE.items() if k[:2] == key[:2]), None)
         _CACHE.clear()
-        teacher = teacher or load_pickle(tpath, "teacher file")
+        if teacher is None:
+            teacher = load_pickle(tpath, "teacher file")
         state = load_state_dict(student_path(out, noise, student_h_size))
         student = student_from_weights(state["w1.weight"].numpy(), state["w2.weight"].numpy(),
                                        preset.nonlinearity, preset.mode)
