@@ -63,7 +63,8 @@ def teacher_weights(input_dim, teacher_h_size, mode, v_star, generator):
 
 def _fill(inputs, labels, w1, w2, sig_w, generator, gram=None, progress=None):
     """Draw x ~ N(0, I) and y = w2 . g(w1 x / sqrt(N)) + sig_w * eps into preallocated CPU
-    arrays, chunk by chunk on the generator's device; accumulate X^T X into `gram`."""
+    arrays, chunk by chunk on the generator's device; accumulate X^T X into `gram`
+    in float64."""
     g = activation("sigmoid")
     device, n = generator.device, inputs.shape[1]
     for start in range(0, inputs.shape[0], CHUNK_ROWS):
@@ -76,8 +77,9 @@ def _fill(inputs, labels, w1, w2, sig_w, generator, gram=None, progress=None):
         y = g(x @ w1.T / math.sqrt(n)) @ w2[0]
         if sig_w:
             y = y + sig_w * torch.randn(stop - start, generator=generator, device=device)
-        if gram is not None:
-            gram += (x.T @ x).to(gram.device, torch.float64)
+        if gram is not None:   # float64 products: with P < N a float32 sum looks full rank
+            x64 = x.to(gram.device, torch.float64)
+            gram.addmm_(x64.T, x64)
         labels[start:stop] = y.cpu()
         if progress is not None:
             progress(stop - start)
