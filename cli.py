@@ -11,8 +11,6 @@ import shutil
 import signal
 import sys
 
-from storage import FileProblem
-
 log = logging.getLogger("dpp_pruning")
 
 
@@ -32,7 +30,24 @@ class UserError(Exception):
     """Bad flags or inputs; the message is one sentence naming the flag or file."""
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Adds each option's default to its help, unless the help already speaks of it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.default not in (None, argparse.SUPPRESS) and not action.required
+                and action.option_strings and "default" not in text):
+            text += " (default: %(default)s)"
+        return text
+
+
 class ArgumentParser(argparse.ArgumentParser):
+    """argparse with every default in --help and errors that point to --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
@@ -43,6 +58,13 @@ class Terminated(KeyboardInterrupt):
 
 def _on_sigterm(signum, frame):
     raise Terminated()
+
+
+def _user_errors():
+    """UserError, and storage.FileProblem once storage is loaded (only storage raises it;
+    importing it here would load torch before the flags are read)."""
+    storage = sys.modules.get("storage")
+    return (UserError,) + ((storage.FileProblem,) if storage is not None else ())
 
 
 def run(main, argv=None):
@@ -56,7 +78,7 @@ def run(main, argv=None):
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         main(argv)
-    except (UserError, FileProblem) as e:
+    except _user_errors() as e:
         sys.stderr.write(f"{prog}: error: {e}\n")
         sys.exit(2)
     except Terminated:
@@ -135,11 +157,11 @@ def finite(name, value):
 
 def resolve_device(name, flag="--device"):
     """'cpu', 'cuda' (or 'cuda:N') or 'auto' -> a torch device string that exists here."""
+    if name == "cpu":
+        return name
     import torch
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cpu":
-        return name
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise UserError(f"{flag} {name} asked for a GPU but torch sees none here; use {flag} cpu")

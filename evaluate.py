@@ -5,13 +5,10 @@
 """
 import os
 
-import numpy as np
-
 import cli
-import plots
-import workflow
-from order_params import NotSpecialised, block_order, order_parameters
-from storage import FileProblem, check_folder_writable, check_readable, check_writable, load_pickle
+
+# numpy, torch and matplotlib are imported inside the functions that need them, once the
+# flags are read: --help and flag errors come back in a fraction of a second.
 
 
 def parse_args(argv=None):
@@ -21,15 +18,15 @@ def parse_args(argv=None):
     parser.add_argument("--path_to_teacher", type=str, required=True,
                         help="the teacher pickle written by teacher_dataset.py")
     parser.add_argument("--input_dim", type=int, required=True,
-                        help="The input dimension for each data point.")
+                        help="N, the input dimension (checked against both files)")
     parser.add_argument("--reweighting", type=int, default=0, choices=(0, 1),
                         help="evaluate the pruned students after reweighting (1) or not (0)")
     parser.add_argument("--threshold", type=float, default=0.7,
-                        help="|R| a student node needs to count as aligned to a teacher node (default: 0.7)")
+                        help="|R| a student node needs to count as aligned to a teacher node")
     parser.add_argument("--output_dir", type=str, default=".",
-                        help="folder for the heatmap PNG (default: the current one)")
+                        help="folder of the heatmap PNG order_params_<choice>_<K>_<k>.png")
     parser.add_argument("--device", type=str, default="cpu",
-                        help="torch device of the batched testing: cpu, cuda or auto (default: cpu)")
+                        help="torch device of the batched testing: cpu, cuda or auto")
     return parser.parse_args(argv)
 
 
@@ -43,6 +40,7 @@ def preflight(args):
     cli.positive("--input_dim", args.input_dim)
     if not 0 < args.threshold <= 1:
         raise cli.UserError(f"--threshold must be in (0, 1], got {args.threshold}")
+    from storage import FileProblem, check_folder_writable, check_readable, check_writable
     check_readable(args.path_to_teacher, "teacher file")
     try:
         check_readable(args.path_to_student_mask, "masks file")
@@ -61,6 +59,7 @@ def preflight(args):
 
 
 def load_inputs(args):
+    from storage import load_pickle
     teacher = cli.check_teacher(load_pickle(args.path_to_teacher, "teacher file"),
                                 args.path_to_teacher, args.input_dim)
     content = load_pickle(args.path_to_student_mask, "masks file")
@@ -70,6 +69,7 @@ def load_inputs(args):
 
 
 def fmt(matrix):
+    import numpy as np
     return np.array2string(np.asarray(matrix), precision=3, suppress_small=True, max_line_width=120)
 
 
@@ -77,6 +77,10 @@ def main(argv=None):
     args = parse_args(argv)
     args.device = cli.resolve_device(args.device)
     preflight(args)
+    import numpy as np
+    import plots
+    import workflow
+    from order_params import NotSpecialised, block_order, order_parameters
     teacher, student, masks = load_inputs(args)
     w1 = student.w1.weight.detach().double().numpy()
     q, r, t = order_parameters(w1, teacher.w1.numpy())

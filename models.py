@@ -11,8 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-NONLINEARITIES = ("sigmoid", "relu", "linear")
-MODES = ("normal", "soft_committee")
+from choices import MODES, NONLINEARITIES  # noqa: F401  (re-exported: models.MODES, ...)
 
 
 def activation(name):

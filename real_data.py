@@ -14,14 +14,16 @@ import os
 import time
 
 import cli
-import real_data_lib as lib
+from choices import PRUNING_CHOICES
+
+lib = None   # real_data_lib, imported by main() once the flags parse (it loads torch)
 
 PROCEDURES = ("training", "pruning", "sweep")
 
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", default="digits", help="digits (offline, default), mnist or cifar10")
+    p.add_argument("--dataset", default="digits", help="digits (offline), mnist or cifar10")
     p.add_argument("--data_root", default="./data",
                    help="folder holding the torchvision datasets (MNIST/raw, cifar-10-batches-py)")
     p.add_argument("--download", action="store_true",
@@ -29,15 +31,15 @@ def parse_args(argv=None):
     p.add_argument("--procedure", default="training", help="training, pruning or sweep")
     # pruning
     p.add_argument("--pruning_choice", default="dpp_edge",
-                   help="pruning: one of " + ", ".join(lib.METHODS))
-    p.add_argument("--methods", default=",".join(lib.METHODS),
+                   help="pruning: one of " + ", ".join(PRUNING_CHOICES))
+    p.add_argument("--methods", default=",".join(PRUNING_CHOICES),
                    help="sweep: comma-separated methods (default: all six)")
     p.add_argument("--k", type=int, default=None,
                    help="pruning: nodes kept (node methods) or inputs kept per node (edge methods)")
     p.add_argument("--fraction", type=float, default=None,
                    help="pruning: fraction of first-layer weights kept, instead of --k")
-    p.add_argument("--fractions", default=",".join(map(str, lib.FRACTIONS)),
-                   help="sweep: comma-separated fractions (default 0.1,...,0.9)")
+    p.add_argument("--fractions", default=",".join(f"{0.1 * i:.1f}" for i in range(1, 10)),
+                   help="sweep: comma-separated fractions of first-layer weights kept")
     p.add_argument("--beta", type=float, default=0.3, help="beta of the Gaussian DPP kernels")
     p.add_argument("--reweighting", type=int, default=0, choices=(0, 1),
                    help="pruning: also refit the kept weights (1); the sweep does both")
@@ -57,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--target_acc", type=float, default=None,
                    help="stop once train accuracy (%%) reaches this (mnist 99, cifar10 50, digits 99)")
     # files
-    p.add_argument("--output_dir", default=".", help="folder for the default --weights and --results")
+    p.add_argument("--output_dir", default=".", help="folder of the --weights and --results files when those are not given")
     p.add_argument("--weights", default=None, help="weights file (default <output_dir>/<dataset>_mlp.pth)")
     p.add_argument("--results", default=None,
                    help="results CSV (default <output_dir>/real_data_results.csv)")
@@ -162,7 +164,9 @@ def run_sweep(args, data):
 
 
 def main(argv=None):
+    global lib
     args = parse_args(argv)
+    import real_data_lib as lib
     validate(args)
     args.device = cli.resolve_device(args.device)
     threads = args.threads or (1 if args.dataset == "digits" else None)

@@ -11,25 +11,27 @@ import os
 import time
 from dataclasses import replace
 
-from tqdm import tqdm
-
 import cli
-import sweep
+from choices import PRUNING_CHOICES, SWEEP_PRESETS
+
+# sweep (and with it torch) is imported once the flags are read: --help answers at once.
 
 
 def parse_args(argv=None):
     parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="small", choices=sorted(sweep.PRESETS),
+    parser.add_argument("--preset", default="small", choices=SWEEP_PRESETS,
                         help="smoke (seconds), small (minutes), paper (the paper's sizes)")
     parser.add_argument("--out", default=None, help="output folder (default: runs/<preset>)")
     parser.add_argument("--methods", default=None,
-                        help="comma-separated subset of " + ",".join(sweep.ALL_METHODS))
+                        help="comma-separated subset of " + ",".join(PRUNING_CHOICES)
+                        + " (default: all)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="mask-drawing rounds per cell (default: the preset's)")
     parser.add_argument("--num_masks", type=int, default=None,
                         help="masks per round (default: the preset's)")
-    parser.add_argument("--seed", type=int, default=1, help="random seed (default: 1)")
-    parser.add_argument("--jobs", type=int, default=1, help="cells run in parallel (default: 1)")
+    parser.add_argument("--seed", type=int, default=1,
+                        help="seed of every teacher, student and mask draw")
+    parser.add_argument("--jobs", type=int, default=1, help="cells run in parallel")
     return parser.parse_args(argv)
 
 
@@ -43,19 +45,22 @@ def _worker_init():
 
 def main(argv=None):
     args = parse_args(argv)
-    preset = sweep.PRESETS[args.preset]
-    if args.rounds is not None:
-        cli.positive("--rounds", args.rounds)
-        preset = replace(preset, rounds=args.rounds)
-    if args.num_masks is not None:
-        cli.positive("--num_masks", args.num_masks)
-        preset = replace(preset, num_masks=args.num_masks)
+    for flag, value in (("--rounds", args.rounds), ("--num_masks", args.num_masks)):
+        if value is not None:
+            cli.positive(flag, value)
     cli.positive("--jobs", args.jobs)
     methods = args.methods.split(",") if args.methods else None
-    unknown = sorted(set(methods or ()) - set(sweep.ALL_METHODS))
+    unknown = sorted(set(methods or ()) - set(PRUNING_CHOICES))
     if unknown:
         raise cli.UserError(f"--methods has unknown method(s) {', '.join(unknown)}; choose from "
-                            + ", ".join(sweep.ALL_METHODS))
+                            + ", ".join(PRUNING_CHOICES))
+    import sweep
+    from tqdm import tqdm
+    preset = sweep.PRESETS[args.preset]
+    if args.rounds is not None:
+        preset = replace(preset, rounds=args.rounds)
+    if args.num_masks is not None:
+        preset = replace(preset, num_masks=args.num_masks)
     out = args.out or os.path.join("runs", args.preset)
     start = time.time()
     try:

@@ -5,35 +5,34 @@
 """
 import time
 
-from tqdm import tqdm
-
 import cli
-from data import CHUNK_ROWS, dataset_nbytes, generate_teacher
-from models import MODES
-from storage import check_writable, save_pickle
+from choices import MODES
+
+# data and storage (and with them torch) are imported once the flags are checked.
 
 
 def parse_args(argv=None):
     parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
     # network parameter
     parser.add_argument("--input_dim", type=int, required=True,
-                        help="The input dimension for each data point.")
+                        help="N, dimension of the Gaussian inputs")
     parser.add_argument("--teacher_h_size", type=int, default=2,
-                        help="hidden layer size of the teacher MLP (default: 2)")
+                        help="M, hidden nodes of the teacher")
     parser.add_argument("--num_data", type=int, required=True,
-                        help="Number of data points to be generated (plus 10%% for the test set).")
+                        help="P training samples; a test set of P/10 is drawn as well (P >= 10)")
     parser.add_argument("--mode", type=str, default="normal", choices=MODES,
-                        help="soft_committee or normal")
+                        help="normal: second layer v* = --v_star; soft_committee: v* = 1")
     parser.add_argument("--sig_w", type=float, default=0.0,
-                        help="scaling variable for the output noise.")
+                        help="sigma, standard deviation of the Gaussian output noise")
     parser.add_argument("--v_star", type=float, default=4,
-                        help="ground truth second layer weight (mode normal)")
-    parser.add_argument("--seed", type=int, default=1, help="random seed (default: 1)")
+                        help="the teacher's second-layer weight in mode normal")
+    parser.add_argument("--seed", type=int, default=1, help="seed of every draw (teacher weights, inputs, noise)")
     parser.add_argument("--device", type=str, default="cpu",
-                        help="torch device that draws the data: cpu or cuda (default: cpu)")
+                        help="torch device that draws the data: cpu or cuda (a different stream; "
+                        "bit-identical only on the CPU)")
     # data storage
     parser.add_argument("--teacher_path", type=str, required=True,
-                        help="Path to store the teacher network and dataset.")
+                        help="where the teacher and data pickle goes")
     return parser.parse_args(argv)
 
 
@@ -50,6 +49,8 @@ def validate(args):
     cli.finite("--v_star", args.v_star)
     cli.seed("--seed", args.seed)
     args.device = cli.resolve_device(args.device, "--device")
+    from data import CHUNK_ROWS, dataset_nbytes
+    from storage import check_writable
     check_writable(args.teacher_path, flag="--teacher_path")
     nbytes = dataset_nbytes(args.input_dim, args.num_data)
     n, m = args.input_dim, args.teacher_h_size
@@ -63,6 +64,9 @@ def validate(args):
 def main(argv=None):
     args = parse_args(argv)
     validate(args)
+    from data import generate_teacher
+    from storage import save_pickle
+    from tqdm import tqdm
     start = time.time()
     total = args.num_data + args.num_data // 10
     with tqdm(total=total, unit="sample", unit_scale=True, desc="generating") as bar:

@@ -9,16 +9,11 @@
 import os
 import time
 
-import numpy as np
-import torch
-from tqdm import tqdm
-
 import cli
-import workflow
-from dpp_sample_ts import PRUNERS, KDPPError, k_range
-from models import MODES, NONLINEARITIES, student_from_weights
-from storage import (FileProblem, check_folder_writable, check_readable, check_writable,
-                     load_pickle, load_state_dict, save_pickle, save_state_dict)
+from choices import MODES, NONLINEARITIES, PRUNING_CHOICES, k_range
+
+# torch, numba and scipy (workflow, storage, models) are imported inside the functions that
+# need them, once the flags are read: --help and flag errors come back in a fraction of a second.
 
 PROCEDURES = ("training", "pruning", "testing")
 
@@ -31,29 +26,30 @@ def parse_args(argv=None):
     parser.add_argument("--student_h_size", type=int, required=True,
                         help="hidden layer size of the student MLP")
     parser.add_argument("--nonlinearity", type=str, default="sigmoid",
-                        help="choice of the activation function: sigmoid (erf), relu or linear")
+                        help="activation g: sigmoid = erf(z/sqrt(2)), relu or linear")
     parser.add_argument("--mode", type=str, default="normal",
-                        help="soft_committee or normal")
+                        help="normal, or soft_committee (second layer frozen at 1)")
     # optimization setup
     parser.add_argument("--lr", type=float, default=0.5, metavar="LR",
-                        help="learning rate (default: 0.5) that will be scaled for each layer accordingly")
+                        help="learning rate eta of online SGD, eta/sqrt(N) and eta/N per layer")
     parser.add_argument("--momentum", type=float, default=0, metavar="M",
-                        help="SGD momentum (default: 0)")
+                        help="SGD momentum")
     parser.add_argument("--epoch", type=int, default=1,
                         help="number of epochs (online learning so 1)")
     parser.add_argument("--seed", type=int, default=1, metavar="S",
-                        help="random seed (default: 1)")
+                        help="seed of the initialisation and of the mask draws")
     # pruning parameters
     parser.add_argument("--pruning_choice", type=str, default="dpp_edge",
-                        help="pruning option: " + ", ".join(PRUNERS))
+                        help="pruning strategy: " + ", ".join(PRUNING_CHOICES))
     parser.add_argument("--beta", type=float, default=0.3,
-                        help="beta of the Gaussian DPP kernel (real_data.py); unused here, as in the original")
+                        help="beta of the Gaussian DPP kernels of real_data.py; unused here, as in the original")
     parser.add_argument("--k", type=int, default=2,
-                        help="number of parameters to preserve (for dpp_node: # of nodes; for dpp_edge: # of weights per node)")
+                        help="kept hidden nodes (node choices, 1..K) or kept incoming weights per node "
+                        "(edge choices, 1..N)")
     parser.add_argument("--procedure", type=str, default="training",
-                        help="training, pruning, or testing")
+                        help="training, pruning or testing")
     parser.add_argument("--num_masks", type=int, default=1,
-                        help="Number of masks to be sampled by DPP.")
+                        help="masks drawn by pruning")
     parser.add_argument("--reweighting", type=int, default=0, choices=(0, 1),
                         help="testing: refit the kept weights after pruning (1) or not (0)")
     parser.add_argument("--load_from_pkl", type=int, default=0, choices=(0, 1),
@@ -62,13 +58,13 @@ def parse_args(argv=None):
                         help="dpp_edge kernel pickle (default: <output_dir>/dpp_edge_kernels_<K>.pkl)")
     # data storage
     parser.add_argument("--trained_weights", type=str, default="place_holder",
-                        help="path to the trained weights for loading")
+                        help="the student_<K>.pth that pruning starts from")
     parser.add_argument("--teacher_path", type=str, required=True,
                         help="Path to the teacher network and dataset.")
     parser.add_argument("--output_dir", type=str, default=".",
-                        help="folder for the files this script writes (default: the current one)")
+                        help="folder of the files written (the student, masks, kernels)")
     parser.add_argument("--device", type=str, default="cpu",
-                        help="torch device of the batched testing: cpu, cuda or auto (default: cpu)")
+                        help="torch device of the batched testing: cpu, cuda or auto")
     return parser.parse_args(argv)
 
 
@@ -92,11 +88,11 @@ def validate(args):
             raise cli.UserError(f"--momentum must be in [0, 1), got {args.momentum}")
         cli.positive("--epoch", args.epoch)
         return
-    if args.pruning_choice not in PRUNERS:
-        raise cli.UserError(f"--pruning_choice must be one of {', '.join(PRUNERS)}, got {args.pruning_choice!r}")
+    if args.pruning_choice not in PRUNING_CHOICES:
+        raise cli.UserError(f"--pruning_choice must be one of {', '.join(PRUNING_CHOICES)}, got {args.pruning_choice!r}")
     lo, hi = k_range(args.pruning_choice, args.input_dim, args.student_h_size)
     if not lo <= args.k <= hi:
-        if PRUNERS[args.pruning_choice].granularity == "node":
+        if PRUNING_CHOICES[args.pruning_choice] == "node":
             what = f"hidden nodes kept, at most --student_h_size {args.student_h_size}"
         else:
             what = f"weights kept per hidden node, at most --input_dim {args.input_dim}"
@@ -111,6 +107,7 @@ def validate(args):
 
 def output_path(args):
     """The file this procedure writes (None for testing)."""
+    import workflow
     if args.procedure == "training":
         return os.path.join(args.output_dir, workflow.student_filename(args.student_h_size))
     if args.procedure == "pruning":
@@ -119,11 +116,13 @@ def output_path(args):
 
 
 def masks_path(args):
+    import workflow
     return os.path.join(args.output_dir, workflow.masks_filename(
         args.pruning_choice, args.student_h_size, args.k))
 
 
 def kernel_path(args):
+    import workflow
     return args.kernel_path or os.path.join(args.output_dir,
                                             workflow.kernels_filename(args.student_h_size))
 
@@ -138,6 +137,7 @@ def _same_file(a, b):
 def preflight(args):
     """Before any work: every input file is there, every output can be written, and the job
     fits in memory."""
+    from storage import FileProblem, check_folder_writable, check_readable, check_writable
     check_readable(args.teacher_path, "teacher file")
     inputs = [("--teacher_path", args.teacher_path)]
     outputs = []
@@ -188,11 +188,15 @@ def preflight(args):
 
 
 def load_teacher(args):
+    from storage import load_pickle
     teacher = load_pickle(args.teacher_path, "teacher file")
     return cli.check_teacher(teacher, args.teacher_path, args.input_dim)
 
 
 def load_student(args):
+    import torch
+    from models import student_from_weights
+    from storage import load_state_dict
     state = load_state_dict(args.trained_weights)
     w1, w2 = state.get("w1.weight"), state.get("w2.weight")
     if w1 is None or w2 is None:
@@ -212,6 +216,10 @@ def load_student(args):
 
 
 def run_training(args, teacher):
+    import torch
+    import workflow
+    from storage import save_state_dict
+    from tqdm import tqdm
     out = output_path(args)
     start = time.time()
     with tqdm(total=len(teacher) * args.epoch, unit="sample", unit_scale=True,
@@ -232,6 +240,9 @@ def run_training(args, teacher):
 def dpp_edge_kernels(args, teacher, student):
     """dpp_edge kernels of the rescaled student: read from the kernel pickle with
     --load_from_pkl 1, otherwise built and saved there for the next run."""
+    import numpy as np
+    import workflow
+    from storage import load_pickle, save_pickle
     path = kernel_path(args)
     unpruned = workflow.rescaled(student)
     wid = workflow.weights_id(unpruned.w1.weight.detach().double().numpy())
@@ -257,6 +268,9 @@ def dpp_edge_kernels(args, teacher, student):
 
 
 def run_pruning(args, teacher):
+    import workflow
+    from dpp_sample_ts import KDPPError
+    from storage import save_pickle
     student = load_student(args)
     out = output_path(args)
     kernels = dpp_edge_kernels(args, teacher, student) if args.pruning_choice == "dpp_edge" else None
@@ -274,6 +288,7 @@ def run_pruning(args, teacher):
 
 
 def run_testing(args, teacher):
+    import workflow
     student, masks = load_masks(masks_path(args), args, teacher)
     result = workflow.test_masks(teacher, student, masks, args.pruning_choice,
                                  bool(args.reweighting), device=args.device)
@@ -286,6 +301,7 @@ def run_testing(args, teacher):
 
 def load_masks(path, args, teacher):
     """The (unpruned student, masks) pickle of a pruning run, checked against the flags."""
+    from storage import load_pickle
     content = load_pickle(path, "masks file")
     student, masks = cli.check_masks(content, path)
     flags = ("--pruning_choice", "--student_h_size", "--k", "--input_dim")

@@ -1,7 +1,12 @@
 """What a new user meets first: a rank-deficient data set, fast --help, progress in logs."""
+import argparse
+import importlib
 import os
+import subprocess
+import sys
 
 import numpy as np
+import pytest
 
 from data import generate_teacher
 from entry_points import call
@@ -35,3 +40,98 @@ def test_dpp_edge_k_above_the_rank_is_one_sentence(tmp_path):
     assert code == 2, (out, err)
     assert "--k 40 cannot be drawn by dpp_edge" in err, err
     assert not os.path.exists(os.path.join(d, "student_masks_dpp_edge_3_40.pkl"))
+
+
+# ----------------------------------------------------------------------------------------
+# --help and flag errors come back without loading torch, numba or scipy.
+
+HEAVY = ("torch", "numba", "scipy")
+ENTRY_POINTS = {
+    "teacher_dataset.py": ["--input_dim", "5", "--num_data", "5", "--teacher_path", "t.pkl"],
+    "teacher_student.py": ["--input_dim", "5", "--student_h_size", "3", "--teacher_path", "t.pkl",
+                           "--procedure", "pruning", "--pruning_choice", "dpp_node", "--k", "9"],
+    "evaluate.py": ["--path_to_student_mask", "m.pkl", "--path_to_teacher", "t.pkl",
+                    "--input_dim", "5", "--threshold", "2"],
+    "reproduce.py": ["--methods", "dpp_nodes"],
+    "real_data.py": ["--rounds", "three"],
+}
+# Runs a script as __main__ and reports, whatever way it exits, which heavy modules it loaded.
+PROBE = """
+import atexit, runpy, sys
+atexit.register(lambda: sys.__stderr__.write(
+    "LOADED " + ",".join(m for m in {heavy!r} if m in sys.modules) + "\\n"))
+sys.argv = [{script!r}] + {argv!r}
+sys.path.insert(0, {root!r})
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def probe(root, tmp_path, script, argv):
+    code = PROBE.format(heavy=HEAVY, script=str(root / script), argv=list(argv), root=str(root))
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    loaded = [line for line in done.stderr.splitlines() if line.startswith("LOADED")]
+    assert len(loaded) == 1, done.stderr
+    return done, loaded[0].split(" ", 1)[1]
+
+
+@pytest.mark.parametrize("script", sorted(ENTRY_POINTS))
+def test_help_loads_no_heavy_module(root, tmp_path, script):
+    done, loaded = probe(root, tmp_path, script, ["--help"])
+    assert done.returncode == 0, done.stderr
+    assert "usage:" in done.stdout
+    assert loaded == "", f"{script} --help imported {loaded}"
+
+
+@pytest.mark.parametrize("script", sorted(ENTRY_POINTS))
+def test_flag_error_loads_no_heavy_module(root, tmp_path, script):
+    done, loaded = probe(root, tmp_path, script, ENTRY_POINTS[script])
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert loaded == "", f"{script} imported {loaded} before rejecting its flags"
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("script", sorted(ENTRY_POINTS))
+def test_help_shows_every_default(script):
+    module = importlib.import_module(script[:-3])
+    parser = None
+    # The parser each script builds: intercept parse_args to reach it.
+    original = argparse.ArgumentParser.parse_args
+
+    def grab(self, args=None, namespace=None):
+        nonlocal parser
+        parser = self
+        raise SystemExit
+
+    argparse.ArgumentParser.parse_args = grab
+    try:
+        with pytest.raises(SystemExit):
+            module.parse_args([])
+    finally:
+        argparse.ArgumentParser.parse_args = original
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.default in (None, argparse.SUPPRESS) or not action.option_strings:
+            continue
+        shown = " ".join(formatter._expand_help(action).split())
+        # the value itself, or a hand-written "(default: all six)" where it is long
+        assert f"(default: {action.default})" in shown or "(default: " in shown, \
+            f"{script} --help hides the default of {action.option_strings[0]}: {shown!r}"
+
+
+def test_light_names_agree_with_the_heavy_modules():
+    import dpp_sample_ts
+    import real_data
+    import real_data_lib
+    import sweep
+    from choices import PRUNING_CHOICES, SWEEP_PRESETS, k_range
+    assert {name: p.granularity for name, p in dpp_sample_ts.PRUNERS.items()} == PRUNING_CHOICES
+    assert tuple(PRUNING_CHOICES) == sweep.ALL_METHODS
+    assert set(SWEEP_PRESETS) == set(sweep.PRESETS)
+    assert set(PRUNING_CHOICES) == set(real_data_lib.METHODS)
+    default = real_data.parse_args([]).fractions
+    assert tuple(float(f) for f in default.split(",")) == real_data_lib.FRACTIONS
+    for choice in PRUNING_CHOICES:
+        assert k_range(choice, 50, 6) == dpp_sample_ts.k_range(choice, 50, 6)
