@@ -1,6 +1,7 @@
 """What a new user meets first: a rank-deficient data set, fast --help, progress in logs."""
 import argparse
 import importlib
+import io
 import os
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+import progress
 from data import generate_teacher
 from entry_points import call
 
@@ -135,3 +137,54 @@ def test_light_names_agree_with_the_heavy_modules():
     assert tuple(float(f) for f in default.split(",")) == real_data_lib.FRACTIONS
     for choice in PRUNING_CHOICES:
         assert k_range(choice, 50, 6) == dpp_sample_ts.k_range(choice, 50, 6)
+
+
+# ----------------------------------------------------------------------------------------
+# Progress: plain lines, no carriage returns, when stderr is not a terminal.
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_progress_in_a_log_is_one_line_per_tenth_and_no_carriage_return():
+    stream = io.StringIO()
+    with progress.Bar(1000, "drawing", unit="mask", stream=stream) as bar:
+        for _ in range(1000):
+            bar.update()
+    text = stream.getvalue()
+    assert "\r" not in text
+    lines = text.splitlines()
+    assert len(lines) == 10, text
+    percents = [int(line.split(":")[1].split("%")[0]) for line in lines]
+    assert percents == list(range(10, 101, 10))
+    assert lines[-1].startswith("drawing: 100%| 1000/1000 mask [")
+
+
+def test_progress_in_a_log_writes_after_the_interval_and_at_the_end():
+    stream, clock = io.StringIO(), FakeClock()
+    with progress.Bar(10**6, "online SGD", unit="sample", unit_scale=True, stream=stream,
+                      interval=10.0, clock=clock) as bar:
+        for done in range(1, 50):           # 49 small steps, 3 s apart: < 15% in 147 s
+            clock.now += 3.0
+            bar.update_to(done * 3000)
+    lines = stream.getvalue().splitlines()
+    # a line each 12 s (the first step past 10 s since the last line), one at the end
+    assert len(lines) == 147 // 12 + 1, lines
+    assert lines[0] == "online SGD:   1%| 12k/1M sample [12.0 s]"
+    assert lines[-1] == "online SGD:  15%| 147k/1M sample [147.0 s]"
+
+
+def test_progress_on_a_terminal_is_a_tqdm_bar():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    with progress.Bar(4, "testing", unit="mask", stream=stream) as bar:
+        for _ in range(4):
+            bar.update()
+    assert "\r" in stream.getvalue() and "4/4" in stream.getvalue()
