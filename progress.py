@@ -4,10 +4,12 @@
         ...
         bar.update(1)          # one more unit done
         bar.update_to(done)    # or: `done` units done so far (a progress(done) callback)
+        bar.update_to(done, total)   # ... of a total the callback reports
 
 A bar redrawn with carriage returns turns into one endless line when stderr is a file or a
 pipe, so there each bar writes a plain line whenever another tenth of the work is done or
-`interval` seconds have passed since its last line, and one line when it ends:
+`interval` seconds have passed since its last line, and one line when it ends; a step done
+within `quiet` seconds (2 by default) writes nothing:
 
     pruning dpp_edge:  50%| 3/6 node [4.1 s]
 """
@@ -28,11 +30,11 @@ class Bar:
     """A tqdm-like progress bar: context manager, update(n), update_to(done), close()."""
 
     def __init__(self, total, desc, unit="it", unit_scale=False, stream=None, interval=10.0,
-                 clock=time.monotonic):
+                 quiet=2.0, clock=time.monotonic):
         self.total, self.desc, self.unit, self.unit_scale = total, desc, unit, unit_scale
         self.stream = stream if stream is not None else sys.stderr
         self.n = 0
-        self._clock, self._interval = clock, interval
+        self._clock, self._interval, self._quiet = clock, interval, quiet
         self._start = self._last_time = clock()
         self._last_tenth = 0
         self._written = None        # n at the last line written
@@ -55,14 +57,20 @@ class Bar:
         """`n` more units done."""
         self.update_to(self.n + n)
 
-    def update_to(self, done):
-        """`done` units done so far."""
+    def update_to(self, done, total=None):
+        """`done` units done so far (of `total`, if it is known only now)."""
         step, self.n = done - self.n, done
+        if total is not None and total != self.total:
+            self.total = total
+            if self._tqdm is not None:
+                self._tqdm.total = total
         if self._tqdm is not None:
             self._tqdm.update(step)
             return
         tenth = int(10 * done / self.total) if self.total else 0
         now = self._clock()
+        if now - self._start < self._quiet:
+            return
         if tenth > self._last_tenth or now - self._last_time >= self._interval:
             self._last_tenth = max(tenth, self._last_tenth)
             self._write(now)
@@ -73,7 +81,7 @@ class Bar:
         self._closed = True
         if self._tqdm is not None:
             self._tqdm.close()
-        elif self._written != self.n:
+        elif self._written != self.n and self._clock() - self._start >= self._quiet:
             self._write(self._clock())
 
     def _write(self, now):

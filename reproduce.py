@@ -55,7 +55,7 @@ def main(argv=None):
         raise cli.UserError(f"--methods has unknown method(s) {', '.join(unknown)}; choose from "
                             + ", ".join(PRUNING_CHOICES))
     import sweep
-    from tqdm import tqdm
+    from progress import Bar
     preset = sweep.PRESETS[args.preset]
     if args.rounds is not None:
         preset = replace(preset, rounds=args.rounds)
@@ -70,7 +70,7 @@ def main(argv=None):
     cells = sweep.grid(preset, methods)
     todo = [c for c in cells if not os.path.exists(sweep.cell_path(out, c))]
     cli.log.info(f"{len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run")
-    with tqdm(total=len(todo), unit="cell", desc=f"{args.preset} grid") as bar:
+    with Bar(len(todo), f"{args.preset} grid", unit="cell") as bar:
         if args.jobs == 1:
             for cell in todo:
                 sweep.run_cell(preset, out, cell, args.seed)

@@ -66,10 +66,10 @@ def main(argv=None):
     validate(args)
     from data import generate_teacher
     from storage import save_pickle
-    from tqdm import tqdm
+    from progress import Bar
     start = time.time()
     total = args.num_data + args.num_data // 10
-    with tqdm(total=total, unit="sample", unit_scale=True, desc="generating") as bar:
+    with Bar(total, "generating", unit="sample", unit_scale=True) as bar:
         teacher = generate_teacher(args.input_dim, args.teacher_h_size, args.num_data,
                                    args.mode, args.sig_w, args.v_star, args.seed,
                                    args.device, progress=bar.update)

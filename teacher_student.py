@@ -218,15 +218,14 @@ def load_student(args):
 def run_training(args, teacher):
     import torch
     import workflow
+    from progress import Bar
     from storage import save_state_dict
-    from tqdm import tqdm
     out = output_path(args)
     start = time.time()
-    with tqdm(total=len(teacher) * args.epoch, unit="sample", unit_scale=True,
-              desc="online SGD") as bar:
+    with Bar(len(teacher) * args.epoch, "online SGD", unit="sample", unit_scale=True) as bar:
         student = workflow.train(teacher, args.student_h_size, args.nonlinearity, args.mode,
                                  args.lr, args.epoch, args.momentum, args.seed,
-                                 progress=lambda done: bar.update(done - bar.n))
+                                 progress=bar.update_to)
     w = student.w1.weight
     if not (torch.isfinite(w).all() and torch.isfinite(student.w2.weight).all()):
         raise cli.UserError(f"training diverged (non-finite weights) with --lr {args.lr}; "
@@ -270,14 +269,18 @@ def dpp_edge_kernels(args, teacher, student):
 def run_pruning(args, teacher):
     import workflow
     from dpp_sample_ts import KDPPError
+    from progress import Bar
     from storage import save_pickle
     student = load_student(args)
     out = output_path(args)
     kernels = dpp_edge_kernels(args, teacher, student) if args.pruning_choice == "dpp_edge" else None
     start = time.time()
     try:
-        unpruned, masks = workflow.prune(teacher, student, args.pruning_choice, args.k,
-                                         args.num_masks, args.seed, kernels)
+        unit = "node" if args.pruning_choice == "dpp_edge" else "step"
+        with Bar(None, f"drawing {args.num_masks} {args.pruning_choice} masks", unit=unit) as bar:
+            unpruned, masks = workflow.prune(teacher, student, args.pruning_choice, args.k,
+                                             args.num_masks, args.seed, kernels,
+                                             progress=bar.update_to)
     except KDPPError as e:
         raise cli.UserError(f"--k {args.k} cannot be drawn by {args.pruning_choice} for this "
                             f"student ({str(e).rstrip('.')}); use a smaller --k") from None

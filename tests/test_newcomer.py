@@ -151,9 +151,10 @@ class FakeClock:
 
 
 def test_progress_in_a_log_is_one_line_per_tenth_and_no_carriage_return():
-    stream = io.StringIO()
-    with progress.Bar(1000, "drawing", unit="mask", stream=stream) as bar:
+    stream, clock = io.StringIO(), FakeClock()
+    with progress.Bar(1000, "drawing", unit="mask", stream=stream, quiet=0, clock=clock) as bar:
         for _ in range(1000):
+            clock.now += 0.003
             bar.update()
     text = stream.getvalue()
     assert "\r" not in text
@@ -161,7 +162,16 @@ def test_progress_in_a_log_is_one_line_per_tenth_and_no_carriage_return():
     assert len(lines) == 10, text
     percents = [int(line.split(":")[1].split("%")[0]) for line in lines]
     assert percents == list(range(10, 101, 10))
-    assert lines[-1].startswith("drawing: 100%| 1000/1000 mask [")
+    assert lines[-1] == "drawing: 100%| 1000/1000 mask [3.0 s]"
+
+
+def test_progress_of_a_quick_step_in_a_log_is_silent():
+    stream, clock = io.StringIO(), FakeClock()
+    with progress.Bar(None, "drawing", unit="node", stream=stream, clock=clock) as bar:
+        for done in range(1, 7):
+            clock.now += 0.3
+            bar.update_to(done, 6)
+    assert stream.getvalue() == ""
 
 
 def test_progress_in_a_log_writes_after_the_interval_and_at_the_end():
