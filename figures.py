@@ -1,9 +1,15 @@
 """The paper's teacher-student figures, drawn from a reproduce.py run folder.
 
 The notebooks in notebooks/ are thin: they call `load_run` and one plotting function per
-figure. The run folder defaults to runs/<preset>, with the preset taken from the
-environment variable REPRO_PRESET (default `paper`) and the folder from REPRO_OUT; a folder
-without results.csv is filled by running reproduce.py's grid first.
+figure. The run folder is $REPRO_OUT, or runs/<preset> with the preset from $REPRO_PRESET
+(default `paper`). A notebook never starts a long run by itself: with neither variable set
+and no runs/paper it runs the smoke preset (seconds) and says so; a folder named by them
+without results.csv stops it with one sentence naming the command that fills it.
+
+Points are means over independently trained students (the `student` column of results.csv,
+when there is more than one) of each student's mean over rounds, with 95% t-intervals across
+students as error bars; with one student, means over rounds with 95% t-intervals across
+rounds. Rows with `rescale` = 0 (pruned as trained) are left out where that column exists.
 """
 import json
 import os
@@ -11,6 +17,7 @@ import os
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import scipy.stats
 
 import reproduce
 import sweep
@@ -22,11 +29,17 @@ STYLE = {"dpp_node": ("C0", "o"), "dpp_edge": ("C1", "s"), "random_node": ("C2",
          "importance_edge": ("C5", "P")}
 
 
-class Run:
-    """A reproduce.py output folder: results.csv as a DataFrame, the preset, the cells."""
+class NoResults(Exception):
+    """The run folder a notebook was pointed at holds no results.csv."""
 
-    def __init__(self, out):
-        self.out = out
+
+class Run:
+    """A reproduce.py output folder: results.csv as a DataFrame, the preset, the cells.
+
+    `note` says why this run is shown when it is not the one asked for."""
+
+    def __init__(self, out, note=""):
+        self.out, self.note = os.path.abspath(out), note
         with open(os.path.join(out, "preset.json")) as f:
             self.record = json.load(f)
         self.preset_name = self.record["preset"]
@@ -37,7 +50,7 @@ class Run:
         r = self.record
         return (f"preset '{self.preset_name}': N = {r['input_dim']}, P = {r['num_data']}, "
                 f"{r['rounds']} rounds x {r['num_masks']} masks per cell, seed {r['seed']}, "
-                f"folder {os.path.relpath(self.out, ROOT)}")
+                f"folder {self.out}" + (f"\n{self.note}" if self.note else ""))
 
     def cell(self, noise, student_h_size, method, k):
         return np.load(sweep.cell_path(self.out, sweep.Cell(float(noise), student_h_size,
@@ -45,27 +58,97 @@ class Run:
 
 
 def load_run(out=None, preset=None):
-    """The run in `out` (default: $REPRO_OUT or runs/<preset>), computed first if missing."""
-    preset = preset or os.environ.get("REPRO_PRESET", "paper")
-    out = out or os.environ.get("REPRO_OUT") or os.path.join(ROOT, "runs", preset)
-    if not os.path.exists(os.path.join(out, "results.csv")):
-        reproduce.main(["--preset", preset, "--out", out])
-    return Run(out)
+    """The run in `out` (default: $REPRO_OUT, or runs/<preset> with the preset from
+    $REPRO_PRESET, default paper). Only the smoke preset (seconds) is ever computed here:
+    when nothing was asked for and runs/paper does not exist, it is run in runs/smoke
+    instead; a folder that was asked for and holds no results raises NoResults."""
+    asked = out or os.environ.get("REPRO_OUT") or preset or os.environ.get("REPRO_PRESET")
+    preset = preset or os.environ.get("REPRO_PRESET") or "paper"
+    out = os.path.abspath(out or os.environ.get("REPRO_OUT")
+                          or os.path.join(ROOT, "runs", preset))
+    if os.path.exists(os.path.join(out, "results.csv")):
+        return Run(out)
+    command = f"python3 {os.path.join(ROOT, 'reproduce.py')} --preset {preset} --out {out}"
+    if asked and preset != "smoke":
+        raise NoResults(f"{out} holds no results.csv: run `{command}` first (the paper "
+                        "preset takes about 15 minutes), or set REPRO_PRESET=smoke")
+    if not asked:
+        note = (f"no results in {out}, so the smoke preset (N = 20, seconds) was run instead; "
+                f"for the paper's figures run `{command}` first")
+        out = os.path.join(ROOT, "runs", "smoke")
+        preset = "smoke"
+        if os.path.exists(os.path.join(out, "results.csv")):
+            return Run(out, note)
+    else:
+        note = "the smoke preset was run here first (seconds)"
+    reproduce.main(["--preset", preset, "--out", out])
+    return Run(out, note)
+
+
+def selected_rows(df):
+    """The rows the figures show: rescaled students only, where results.csv says."""
+    return df[df.rescale == 1] if "rescale" in df.columns else df
+
+
+def students(df):
+    """Number of independently trained students in these rows."""
+    return df.student.nunique() if "student" in df.columns else 1
+
+
+def _interval(values):
+    """(mean, half-width of the 95% t-interval of the mean) of a 1-D sample."""
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return values.mean(), 0.0
+    sem = values.std(ddof=1) / np.sqrt(len(values))
+    return values.mean(), scipy.stats.t.ppf(0.975, len(values) - 1) * sem
 
 
 def _summary(df):
-    """Mean and std over rounds of every (method, k) cell."""
+    """Per (method, k) cell: the mean test loss, the half-width of its 95% t-interval
+    (across students when there are several, else across rounds), the mean prediction and
+    the unpruned loss."""
     keys = ["method", "k", "nodes_equivalent", "fraction_kept"]
-    return df.groupby(keys, as_index=False).agg(
-        mean=("test_loss", "mean"), std=("test_loss", "std"),
-        predicted=("predicted_loss", "mean"), unpruned=("unpruned_test_loss", "first"))
+    unit = ["student"] if students(df) > 1 else ["round"]
+    per_unit = df.groupby(keys + unit, as_index=False).agg(
+        loss=("test_loss", "mean"), predicted=("predicted_loss", "mean"),
+        unpruned=("unpruned_test_loss", "first"))
+    rows = []
+    for key, part in per_unit.groupby(keys):
+        mean, half = _interval(part.loss)
+        rows.append(dict(zip(keys, key), mean=mean, ci=half, predicted=part.predicted.mean(),
+                         unpruned=part.unpruned.mean()))
+    return pd.DataFrame(rows, columns=keys + ["mean", "ci", "predicted", "unpruned"])
+
+
+def error_bar_caption(run):
+    """One sentence on what the points and error bars of figures 1 and 2 are."""
+    df = selected_rows(run.df)
+    s = students(df)
+    if s > 1:
+        what = (f"mean over {s} independently trained students of each student's mean over "
+                f"{df['round'].nunique()} rounds; bars: 95% t-interval of that mean across "
+                "students")
+    else:
+        what = (f"mean over {df['round'].nunique()} rounds of mask draws from one trained "
+                "student; bars: 95% t-interval of that mean across rounds")
+    return f"Points: {what}. The dashed line is the unpruned (rescaled) student."
+
+
+def x_positions_caption(run):
+    """One sentence on why node and edge points of the same budget sit apart."""
+    n = run.preset.input_dim
+    return (f"Node methods keeping k of K nodes sit at k/K of the parameters; edge methods keep "
+            f"e weights per node, e = k(N + 1)/K - 1 rounded to a whole number, and sit at "
+            f"(e + 1)/(N + 1) (N = {n}), so the two differ slightly at the same budget.")
 
 
 def plot_loss_vs_budget(run, ax, noise, student_h_size, reweighting=0, methods=None,
                         x="fraction_kept"):
-    """Average test loss against parameters kept (%), error bars over rounds."""
-    df = run.df[(run.df.noise == noise) & (run.df.student_h_size == student_h_size)
-                & (run.df.reweighting == reweighting)]
+    """Average test loss against parameters kept (%), 95% intervals (see the docstring)."""
+    df = selected_rows(run.df)
+    df = df[(df.noise == noise) & (df.student_h_size == student_h_size)
+            & (df.reweighting == reweighting)]
     summary = _summary(df)
     for method in methods or sweep.ALL_METHODS:
         part = summary[summary.method == method].sort_values(x)
@@ -73,7 +156,7 @@ def plot_loss_vs_budget(run, ax, noise, student_h_size, reweighting=0, methods=N
             continue
         color, marker = STYLE[method]
         xs = part[x] * (100 if x == "fraction_kept" else 1)
-        ax.errorbar(xs, part["mean"], yerr=part["std"].fillna(0), color=color, marker=marker,
+        ax.errorbar(xs, part["mean"], yerr=part["ci"], color=color, marker=marker,
                     capsize=3, label=method)
     if not summary.empty:
         ax.axhline(summary.unpruned.iloc[0], color="k", ls="--", lw=1, label="unpruned")
@@ -82,28 +165,52 @@ def plot_loss_vs_budget(run, ax, noise, student_h_size, reweighting=0, methods=N
     ax.set_yscale("log")
     ax.set_title(f"K = {student_h_size}, $\\sigma$ = {noise:g}"
                  + (", reweighted" if reweighting else ""), fontsize=10)
-    ax.legend(fontsize=7)
+    ax.grid(True, which="major", alpha=0.3)
+
+
+def _grid(count, columns=2, width=5.2, height=3.9):
+    """A figure with `count` panels, at most `columns` per row -> (fig, flat list of axes)."""
+    rows = -(-count // columns)
+    fig, axes = plt.subplots(rows, min(count, columns), figsize=(width * min(count, columns),
+                                                                 height * rows), squeeze=False)
+    flat = list(axes.ravel())
+    for ax in flat[count:]:
+        ax.remove()
+    return fig, flat[:count]
+
+
+def _legend_below(fig, axes):
+    """One legend for every method drawn in any panel, below the panels (it covers none)."""
+    handles = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.tight_layout()
+    fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=4, fontsize=8,
+               bbox_to_anchor=(0.5, 0), frameon=False)
 
 
 def figure_loss_vs_budget(run, reweighting=0):
-    """Figure 1: both noise levels for K = 6 (six methods) and the K = 20 panel."""
+    """Figure 1: both noise levels for K = 6 (six methods) and the K = 20 panel, two
+    panels per row."""
     panels = [(noise, p) for p in run.preset.panels for noise in run.preset.noise_levels]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
-    for ax, (noise, panel) in zip(axes[0], panels):
+    fig, axes = _grid(len(panels))
+    for ax, (noise, panel) in zip(axes, panels):
         plot_loss_vs_budget(run, ax, noise, panel.student_h_size, reweighting, panel.methods)
-    fig.tight_layout()
+    _legend_below(fig, axes)
     return fig
 
 
 def figure_node_methods(run, reweighting=0):
     """Figure 2: the node methods against hidden nodes kept, K = 6."""
     noises = run.preset.noise_levels
-    fig, axes = plt.subplots(1, len(noises), figsize=(4.6 * len(noises), 3.8), squeeze=False)
+    fig, axes = _grid(len(noises))
     student_h_size = run.preset.panels[0].student_h_size
-    for ax, noise in zip(axes[0], noises):
+    for ax, noise in zip(axes, noises):
         plot_loss_vs_budget(run, ax, noise, student_h_size, reweighting,
                             ("dpp_node", "random_node", "importance_node"), x="k")
-    fig.tight_layout()
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    _legend_below(fig, axes)
     return fig
 
 
@@ -143,19 +250,21 @@ def figure_heatmaps(run, method, noise=0.0, reweighting=0):
 
 def figure_theory_vs_simulation(run):
     """Figure 4a: predicted against measured test loss, every cell and round."""
-    fig, ax = plt.subplots(figsize=(4.8, 4.4))
-    for method, part in run.df.groupby("method"):
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    df = selected_rows(run.df)
+    for method, part in df.groupby("method"):
         color, marker = STYLE[method]
         ax.scatter(part.predicted_loss, part.test_loss, s=12, color=color, marker=marker,
                    label=method, alpha=0.7)
-    lo = min(run.df.predicted_loss.min(), run.df.test_loss.min())
-    hi = max(run.df.predicted_loss.max(), run.df.test_loss.max())
+    lo = min(df.predicted_loss.min(), df.test_loss.min())
+    hi = max(df.predicted_loss.max(), df.test_loss.max())
     ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="theory = simulation")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel(r"predicted: $\epsilon_g(Q, R, T) + \sigma^2/2$")
     ax.set_ylabel("measured test loss")
-    ax.legend(fontsize=7)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
     fig.tight_layout()
     return fig
 
@@ -179,11 +288,12 @@ def figure_random_edge_closed_form(run):
     """Figure 4b: random_edge measured against the closed form in the fraction kept."""
     panels = [(noise, p.student_h_size) for p in run.preset.panels for noise in run.preset.noise_levels
               if "random_edge" in p.methods]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    fig, axes = _grid(len(panels))
     fractions = np.linspace(0.01, 1.0, 100)
-    for ax, (noise, student_h_size) in zip(axes[0], panels):
-        df = run.df[(run.df.noise == noise) & (run.df.student_h_size == student_h_size)
-                    & (run.df.method == "random_edge") & (run.df.reweighting == 0)]
+    rows = selected_rows(run.df)
+    for ax, (noise, student_h_size) in zip(axes, panels):
+        df = rows[(rows.noise == noise) & (rows.student_h_size == student_h_size)
+                  & (rows.method == "random_edge") & (rows.reweighting == 0)]
         f = df.k / run.preset.input_dim
         ax.scatter(f, df.test_loss, s=14, color=STYLE["random_edge"][0], label="measured")
         curve = random_edge_curve(run, noise, student_h_size, fractions)
@@ -195,6 +305,6 @@ def figure_random_edge_closed_form(run):
         ax.set_xlabel("fraction of edges kept f = k / N")
         ax.set_ylabel("test loss")
         ax.set_yscale("log")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+        ax.grid(True, alpha=0.3)
+    _legend_below(fig, axes)
     return fig

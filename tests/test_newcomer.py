@@ -198,3 +198,121 @@ def test_progress_on_a_terminal_is_a_tqdm_bar():
         for _ in range(4):
             bar.update()
     assert "\r" in stream.getvalue() and "4/4" in stream.getvalue()
+
+
+# ----------------------------------------------------------------------------------------
+# Figures: readable heatmap numbers, intervals across students, no surprise long runs.
+
+def test_heatmap_numbers_are_white_on_dark_cells_and_black_on_light_ones():
+    import matplotlib
+    import plots
+    cmap = matplotlib.colormaps["RdBu_r"]
+    assert plots.text_colour(cmap(0.0)) == "white"      # dark blue, R = -1
+    assert plots.text_colour(cmap(1.0)) == "white"      # dark red, Q = 1
+    assert plots.text_colour(cmap(0.5)) == "black"      # white, 0
+    assert plots.text_colour((1.0, 1.0, 0.0, 1.0)) == "black"   # yellow is light
+
+
+def test_heatmaps_name_their_axes(tmp_path):
+    import plots
+    fig = plots.heatmap_figure({"Q unpruned": np.eye(3), "R unpruned": np.ones((3, 2))})
+    q, r = fig.axes[:2]
+    assert (q.get_xlabel(), q.get_ylabel()) == ("student node j", "student node i")
+    assert (r.get_xlabel(), r.get_ylabel()) == ("teacher node n", "student node i")
+    plots.save_figure(fig, str(tmp_path / "h.png"))
+
+
+def results(students, rounds, loss):
+    """A results table of one cell: loss(student, round) for every student and round."""
+    import pandas as pd
+    rows = [dict(noise=0.0, student_h_size=6, method="dpp_node", reweighting=0, k=3,
+                 nodes_equivalent=3, fraction_kept=0.5, round=r, test_loss=loss(s, r),
+                 predicted_loss=loss(s, r), unpruned_test_loss=0.1 * (s + 1), student=s,
+                 rescale=rescale)
+            for s in range(students) for r in range(rounds) for rescale in (0, 1)]
+    df = pd.DataFrame(rows)
+    df.loc[df.rescale == 0, "test_loss"] = 1e6     # must never be shown
+    return df
+
+
+def test_points_are_means_over_students_with_t_intervals_across_them():
+    import scipy.stats
+    import figures
+    df = figures.selected_rows(results(4, 3, lambda s, r: 1.0 + s + 0.1 * r))
+    row = figures._summary(df).iloc[0]
+    per_student = np.array([1.1, 2.1, 3.1, 4.1])            # each student's mean over rounds
+    assert row["mean"] == pytest.approx(per_student.mean())
+    half = scipy.stats.t.ppf(0.975, 3) * per_student.std(ddof=1) / 2
+    assert row["ci"] == pytest.approx(half)
+    assert row["unpruned"] == pytest.approx(0.25)
+
+
+def test_with_one_student_the_intervals_are_across_rounds():
+    import scipy.stats
+    import figures
+    df = figures.selected_rows(results(1, 5, lambda s, r: 2.0 + r)).drop(columns="student")
+    row = figures._summary(df).iloc[0]
+    assert row["mean"] == pytest.approx(4.0)
+    assert row["ci"] == pytest.approx(scipy.stats.t.ppf(0.975, 4) * np.sqrt(2.5 / 5))
+
+
+class Smoke:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, argv):
+        self.calls.append(argv)
+        out = argv[argv.index("--out") + 1]
+        os.makedirs(out)
+        results(2, 2, lambda s, r: 1.0).to_csv(os.path.join(out, "results.csv"), index=False)
+        with open(os.path.join(out, "preset.json"), "w") as f:
+            f.write('{"preset": "smoke", "input_dim": 20, "num_data": 32000, "rounds": 2, '
+                    '"num_masks": 10, "seed": 1}')
+
+
+def test_notebook_without_results_runs_only_the_smoke_preset_and_says_so(tmp_path, monkeypatch):
+    import figures
+    import reproduce
+    monkeypatch.delenv("REPRO_OUT", raising=False)
+    monkeypatch.delenv("REPRO_PRESET", raising=False)
+    monkeypatch.setattr(figures, "ROOT", str(tmp_path))
+    smoke = Smoke()
+    monkeypatch.setattr(reproduce, "main", smoke)
+    run = figures.load_run()
+    assert smoke.calls == [["--preset", "smoke", "--out", str(tmp_path / "runs" / "smoke")]]
+    text = run.describe()
+    assert f"folder {tmp_path / 'runs' / 'smoke'}" in text
+    assert "smoke preset" in text and f"--preset paper --out {tmp_path / 'runs' / 'paper'}" in text
+    figures.load_run()                   # the smoke run is reused, not run again
+    assert len(smoke.calls) == 1
+
+
+@pytest.mark.parametrize("env", [{"REPRO_PRESET": "paper"}, {"REPRO_OUT": "elsewhere"}])
+def test_notebook_pointed_at_a_missing_run_stops_with_the_command(tmp_path, monkeypatch, env):
+    import figures
+    import reproduce
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("REPRO_OUT", raising=False)
+    monkeypatch.delenv("REPRO_PRESET", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(figures, "ROOT", str(tmp_path))
+    monkeypatch.setattr(reproduce, "main", Smoke())
+    with pytest.raises(figures.NoResults, match=r"holds no results.csv: run `python3 .*"
+                                                 r"reproduce.py --preset paper --out /"):
+        figures.load_run()
+    assert reproduce.main.calls == []
+
+
+def test_figure_one_has_two_panels_a_row_and_its_legend_outside_them(tmp_path):
+    import figures
+    out = tmp_path / "run"
+    Smoke()(["--out", str(out)])
+    run = figures.Run(str(out))
+    fig = figures.figure_loss_vs_budget(run)
+    fig.canvas.draw()
+    columns = {round(ax.get_position().x0, 3) for ax in fig.axes}
+    assert len(columns) <= 2
+    legend = fig.legends[0].get_window_extent()
+    for ax in fig.axes:
+        assert not legend.overlaps(ax.get_window_extent())
