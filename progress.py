@@ -7,9 +7,9 @@
         bar.update_to(done, total)   # ... of a total the callback reports
 
 A bar redrawn with carriage returns turns into one endless line when stderr is a file or a
-pipe, so there each bar writes a plain line whenever another tenth of the work is done or
-`interval` seconds have passed since its last line, and one line when it ends; a step done
-within `quiet` seconds (2 by default) writes nothing:
+pipe, so there each bar writes a plain line when it starts, when it ends, and in between
+whenever another tenth of the work is done or `interval` seconds have passed since its last
+line (in-between lines only once the step has run `quiet` seconds, 2 by default):
 
     pruning dpp_edge:  50%| 3/6 node [4.1 s]
 """
@@ -45,6 +45,8 @@ class Bar:
             from tqdm import tqdm
             self._tqdm = tqdm(total=total, desc=desc, unit=unit, unit_scale=unit_scale,
                               file=self.stream)
+        else:
+            self._write(self._start)
 
     def __enter__(self):
         return self
@@ -81,7 +83,7 @@ class Bar:
         self._closed = True
         if self._tqdm is not None:
             self._tqdm.close()
-        elif self._written != self.n and self._clock() - self._start >= self._quiet:
+        elif self._written != self.n:
             self._write(self._clock())
 
     def _write(self, now):

@@ -159,19 +159,20 @@ def test_progress_in_a_log_is_one_line_per_tenth_and_no_carriage_return():
     text = stream.getvalue()
     assert "\r" not in text
     lines = text.splitlines()
-    assert len(lines) == 10, text
+    assert len(lines) == 11, text
     percents = [int(line.split(":")[1].split("%")[0]) for line in lines]
-    assert percents == list(range(10, 101, 10))
+    assert percents == list(range(0, 101, 10))
     assert lines[-1] == "drawing: 100%| 1000/1000 mask [3.0 s]"
 
 
-def test_progress_of_a_quick_step_in_a_log_is_silent():
+def test_progress_of_a_quick_step_in_a_log_is_its_start_and_its_end():
     stream, clock = io.StringIO(), FakeClock()
     with progress.Bar(None, "drawing", unit="node", stream=stream, clock=clock) as bar:
         for done in range(1, 7):
             clock.now += 0.3
             bar.update_to(done, 6)
-    assert stream.getvalue() == ""
+    assert stream.getvalue().splitlines() == ["drawing:   ?%| 0/? node [0.0 s]",
+                                              "drawing: 100%| 6/6 node [1.8 s]"]
 
 
 def test_progress_in_a_log_writes_after_the_interval_and_at_the_end():
@@ -182,9 +183,10 @@ def test_progress_in_a_log_writes_after_the_interval_and_at_the_end():
             clock.now += 3.0
             bar.update_to(done * 3000)
     lines = stream.getvalue().splitlines()
-    # a line each 12 s (the first step past 10 s since the last line), one at the end
-    assert len(lines) == 147 // 12 + 1, lines
-    assert lines[0] == "online SGD:   1%| 12k/1M sample [12.0 s]"
+    # the start, a line each 12 s (the first step past 10 s since the last), the end
+    assert len(lines) == 1 + 147 // 12 + 1, lines
+    assert lines[:2] == ["online SGD:   0%| 0/1M sample [0.0 s]",
+                         "online SGD:   1%| 12k/1M sample [12.0 s]"]
     assert lines[-1] == "online SGD:  15%| 147k/1M sample [147.0 s]"
 
 
