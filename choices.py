@@ -2,7 +2,8 @@
 
 The entry points check their flags against these before they import torch, numba or scipy,
 so that `--help` and a mistyped flag are answered at once. The strategies themselves live in
-dpp_sample_ts.PRUNERS, the presets in sweep.PRESETS (a test holds the names here to them).
+dpp_sample_ts (PRUNERS, IMPORTANCE_RULES), the presets in sweep.PRESETS; a test holds the
+names here to them.
 """
 NONLINEARITIES = ("sigmoid", "relu", "linear")
 MODES = ("normal", "soft_committee")
@@ -10,6 +11,7 @@ MODES = ("normal", "soft_committee")
 PRUNING_CHOICES = {"dpp_node": "node", "dpp_edge": "edge", "random_node": "node",
                    "random_edge": "edge", "importance_node": "node", "importance_edge": "edge"}
 SWEEP_PRESETS = ("smoke", "small", "paper")
+IMPORTANCE_RULES = ("magnitude", "signed")   # importance_node: largest |v| or largest signed v
 
 
 def k_range(choice, input_dim, student_h_size):

@@ -9,7 +9,8 @@ without results.csv stops it with one sentence naming the command that fills it.
 Points are means over independently trained students (the `student` column of results.csv,
 when there is more than one) of each student's mean over rounds, with 95% t-intervals across
 students as error bars; with one student, means over rounds with 95% t-intervals across
-rounds. Rows with `rescale` = 0 (pruned as trained) are left out where that column exists.
+rounds. Only rows with `rescale` = 1 (rows rescaled to norm sqrt(N) before pruning, the
+default) are shown.
 """
 import json
 import os
@@ -86,13 +87,13 @@ def load_run(out=None, preset=None):
 
 
 def selected_rows(df):
-    """The rows the figures show: rescaled students only, where results.csv says."""
-    return df[df.rescale == 1] if "rescale" in df.columns else df
+    """The rows the figures show: students rescaled before pruning (rescale = 1)."""
+    return df[df.rescale == 1]
 
 
 def students(df):
     """Number of independently trained students in these rows."""
-    return df.student.nunique() if "student" in df.columns else 1
+    return df.student.nunique()
 
 
 def _interval(values):
@@ -285,7 +286,8 @@ def random_edge_curve(run, noise, student_h_size, fractions):
 
 
 def figure_random_edge_closed_form(run):
-    """Figure 4b: random_edge measured against the closed form in the fraction kept."""
+    """Figure 4b: random_edge measured against the closed form in the fraction kept, for
+    student 0 (whose order parameters give the curve)."""
     panels = [(noise, p.student_h_size) for p in run.preset.panels for noise in run.preset.noise_levels
               if "random_edge" in p.methods]
     fig, axes = _grid(len(panels))
@@ -293,7 +295,8 @@ def figure_random_edge_closed_form(run):
     rows = selected_rows(run.df)
     for ax, (noise, student_h_size) in zip(axes, panels):
         df = rows[(rows.noise == noise) & (rows.student_h_size == student_h_size)
-                  & (rows.method == "random_edge") & (rows.reweighting == 0)]
+                  & (rows.method == "random_edge") & (rows.reweighting == 0)
+                  & (rows.student == 0)]
         f = df.k / run.preset.input_dim
         ax.scatter(f, df.test_loss, s=14, color=STYLE["random_edge"][0], label="measured")
         curve = random_edge_curve(run, noise, student_h_size, fractions)

@@ -252,7 +252,7 @@ def test_points_are_means_over_students_with_t_intervals_across_them():
 def test_with_one_student_the_intervals_are_across_rounds():
     import scipy.stats
     import figures
-    df = figures.selected_rows(results(1, 5, lambda s, r: 2.0 + r)).drop(columns="student")
+    df = figures.selected_rows(results(1, 5, lambda s, r: 2.0 + r))
     row = figures._summary(df).iloc[0]
     assert row["mean"] == pytest.approx(4.0)
     assert row["ci"] == pytest.approx(scipy.stats.t.ppf(0.975, 4) * np.sqrt(2.5 / 5))
