@@ -86,11 +86,17 @@ def main(argv=None):
     import teacher_student
     import workflow
     from order_params import NotSpecialised, block_order, order_parameters
+    from progress import Bar
     teacher, student, masks = load_inputs(args)
     w1 = student.w1.weight.detach().double().numpy()
     q, r, t = order_parameters(w1, teacher.w1.numpy())
-    result = workflow.test_masks(teacher, student, masks, masks.choice, bool(args.reweighting),
-                                 device=args.device)
+    with Bar(2, f"testing {len(masks)} masks, then their expected loss", unit="stage") as bar:
+        result = workflow.test_masks(teacher, student, masks, masks.choice,
+                                     bool(args.reweighting), device=args.device)
+        bar.update()
+        expected = teacher_student.expectation_line(teacher, student, masks,
+                                                    bool(args.reweighting))
+        bar.update()
     eq, er, _ = order_parameters(result.weights, teacher.w1.numpy())
     eq, er = eq.mean(axis=0), er.mean(axis=0)
 
@@ -119,8 +125,7 @@ def main(argv=None):
     cli.log.info(f"predicted test loss (eps_g + sig_w^2/2) vs measured: unpruned "
                  f"{theory_unpruned:.6g} vs {result.unpruned_loss:.6g}; pruned "
                  f"{theory_pruned.mean():.6g} vs {result.mean:.6g}")
-    cli.log.info(teacher_student.expectation_line(teacher, student, masks,
-                                                  bool(args.reweighting)))
+    cli.log.info(expected)
 
     png = png_path(args)
     plots.save_heatmaps(png, {"Q unpruned": q[np.ix_(order, order)], "R unpruned": r[order],

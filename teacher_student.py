@@ -303,18 +303,23 @@ def run_pruning(args, teacher):
 
 def run_testing(args, teacher):
     import workflow
+    from progress import Bar
     student, masks = load_masks(masks_path(args), args, teacher)
     rw = bool(args.reweighting)
-    hgram = (workflow.hidden_gram(teacher, student)
-             if rw and PRUNING_CHOICES[args.pruning_choice] == "node" else None)
-    result = workflow.test_masks(teacher, student, masks, args.pruning_choice, rw, hgram,
-                                 device=args.device)
+    with Bar(2, f"testing {len(masks)} masks, then their expected loss", unit="stage") as bar:
+        hgram = (workflow.hidden_gram(teacher, student)
+                 if rw and PRUNING_CHOICES[args.pruning_choice] == "node" else None)
+        result = workflow.test_masks(teacher, student, masks, args.pruning_choice, rw, hgram,
+                                     device=args.device)
+        bar.update()
+        expected = expectation_line(teacher, student, masks, rw, hgram)
+        bar.update()
     losses = result.losses
     cli.log.info(f"unpruned MLP test loss: {result.unpruned_loss}")
     cli.log.info(f"pruned MLP avg. test loss: {losses.mean()}")
     cli.log.info(f"over {len(losses)} masks{' with reweighting' if args.reweighting else ''}: "
                  f"std {losses.std():.6g}, min {losses.min():.6g}, max {losses.max():.6g}")
-    cli.log.info(expectation_line(teacher, student, masks, rw, hgram))
+    cli.log.info(expected)
 
 
 def expectation_line(teacher, student, masks, reweighting, hgram=None):
