@@ -318,3 +318,24 @@ def test_figure_one_has_two_panels_a_row_and_its_legend_outside_them(tmp_path):
     legend = fig.legends[0].get_window_extent()
     for ax in fig.axes:
         assert not legend.overlaps(ax.get_window_extent())
+
+
+def test_entry_points_log_progress_without_carriage_returns(tmp_path):
+    d = str(tmp_path)
+    teacher = os.path.join(d, "teacher.pkl")
+    code, _, err = call("teacher_dataset.py", ["--input_dim", 10, "--num_data", 2000,
+                                               "--teacher_path", teacher])
+    assert code == 0 and "\r" not in err
+    assert err.splitlines()[0].startswith("generating:   0%| 0/2.2k sample")
+    assert err.splitlines()[-1].startswith("generating: 100%| 2.2k/2.2k sample")
+    common = ["--input_dim", 10, "--student_h_size", 3, "--teacher_path", teacher, "--output_dir", d]
+    code, _, err = call("teacher_student.py", common)
+    assert code == 0 and "\r" not in err and "online SGD: 100%| 2k/2k sample" in err
+    code, _, err = call("teacher_student.py", common + [
+        "--trained_weights", os.path.join(d, "student_3.pth"), "--procedure", "pruning",
+        "--pruning_choice", "dpp_edge", "--k", 4, "--num_masks", 3])
+    assert code == 0 and "\r" not in err and "drawing 3 dpp_edge masks: 100%| 3/3 node" in err
+    code, out, err = call("teacher_student.py", common + [
+        "--procedure", "testing", "--pruning_choice", "dpp_edge", "--k", 4])
+    assert code == 0 and "\r" not in err and "testing 3 masks, then their expected loss: 100%" in err
+    assert "pruned MLP avg. test loss" in out
