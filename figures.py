@@ -244,7 +244,8 @@ def figure_heatmaps(run, method, noise=0.0, reweighting=0):
     axes[0, 0].set_ylabel("E[Q]")
     axes[1, 0].set_ylabel("E[R]")
     fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6)
-    fig.suptitle(f"{method}, K = {panel.student_h_size}, $\\sigma$ = {noise:g}; {title}",
+    which = ", student 0" if students(run.df) > 1 else ""
+    fig.suptitle(f"{method}, K = {panel.student_h_size}, $\\sigma$ = {noise:g}{which}; {title}",
                  fontsize=10)
     return fig
 
@@ -298,7 +299,8 @@ def figure_random_edge_closed_form(run):
                   & (rows.method == "random_edge") & (rows.reweighting == 0)
                   & (rows.student == 0)]
         f = df.k / run.preset.input_dim
-        ax.scatter(f, df.test_loss, s=14, color=STYLE["random_edge"][0], label="measured")
+        label = "measured (student 0)" if students(rows) > 1 else "measured"
+        ax.scatter(f, df.test_loss, s=14, color=STYLE["random_edge"][0], label=label)
         curve = random_edge_curve(run, noise, student_h_size, fractions)
         if curve is None:
             ax.set_title(f"K = {student_h_size}, $\\sigma$ = {noise:g}: not specialised", fontsize=9)
