@@ -50,6 +50,7 @@ class Run:
     def describe(self):
         r = self.record
         return (f"preset '{self.preset_name}': N = {r['input_dim']}, P = {r['num_data']}, "
+                f"{students(self.df)} student(s), "
                 f"{r['rounds']} rounds x {r['num_masks']} masks per cell, seed {r['seed']}, "
                 f"folder {self.out}" + (f"\n{self.note}" if self.note else ""))
 
