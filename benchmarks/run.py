@@ -36,8 +36,9 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "tests"):          # the project's modules; tests/reference.py
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 MB = 1e6
 
