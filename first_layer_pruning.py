@@ -5,13 +5,17 @@ Pruning touches only the first layer, `layers.0.weight` W (H, D), H hidden nodes
 inputs; in the conventions of `dpp_sample_ts` that is w1 = W (K = H nodes, N = D inputs).
 A first-layer mask is an (H, D) bool array `keep`, keep[i, j] keeping W[i, j] (the transpose
 of the registry's (N, K) masks).
-- Edge methods keep k inputs per hidden node (random_edge: each weight with probability k/D).
-- Node methods keep k hidden nodes: a removed node's row of W is zeroed. Only W is pruned,
+- The x-axis is p, the fraction of remaining parameters of the first two weight matrices
+  (the original code's budgets, `k_for_fraction`): edge methods keep e = ceil(p D) inputs
+  per hidden node (random_edge too: a uniform e-subset per node), node methods keep
+  n = floor(H (floor(p D) + H) / (D + H)) nodes, a node costing D inputs and H outgoing
+  weights.
+- Node methods: a removed node's row of W is zeroed. Only W is pruned,
   so without reweighting the node keeps its bias and outgoing weights and sends the constant
   sigmoid(b_i) on (what a mask on the first layer's weights alone amounts to). With
   reweighting its outgoing weights are folded into the kept nodes and zeroed, which removes
-  it altogether. importance_node ranks nodes by the L2 norm of their outgoing weights
-  (columns of `layers.1.weight`).
+  it altogether. importance_node ranks nodes by the mean |outgoing weight| (columns of
+  `layers.1.weight`).
 
 DPP kernels are Gaussian, L = exp(-beta d(p, q)) + eps I with eps = 0.01, and the squared
 distances d are per-sample means, ||a_p - a_q||^2 / P over the P training samples, so that
@@ -108,15 +112,38 @@ def granularity(method):
 
 
 def k_for_fraction(method, fraction, hidden, inputs):
-    """Fraction of first-layer weights kept -> k: round(fraction * H) nodes for node methods,
-    round(fraction * D) inputs per node for edge methods (halves round up), at least 1."""
-    total = hidden if granularity(method) == "node" else inputs
-    return int(min(total, max(1, math.floor(fraction * total + 0.5))))
+    """The x-axis p (fraction of remaining parameters) -> k, the original code's budgets.
+
+    Edge methods keep e = ceil(p D) inputs per hidden node. Node methods keep
+    n = floor(H (floor(p D) + H) / (D + H)) nodes: a node costs its D inputs and its H outgoing
+    weights, so n nodes hold as many parameters of the first two weight matrices as H nodes
+    with floor(p D) inputs each (and all their outgoing weights). MNIST (D = 784, H = 500):
+    e = 79..706, n = 225..469 for p = 10%..90%; CIFAR-10 (D = 3072, H = 1000): e = 308..2765,
+    n = 320..924. At least 1, at most D or H."""
+    scaled = fraction * inputs
+    if granularity(method) == "edge":
+        return int(min(inputs, max(1, math.ceil(scaled - 1e-9))))
+    edges = math.floor(scaled + 1e-9)
+    return int(min(hidden, max(1, hidden * (edges + hidden) // (inputs + hidden))))
 
 
 def nominal_fraction(method, k, hidden, inputs):
-    """k -> the fraction of first-layer weights it keeps (in expectation for random_edge)."""
-    return k / (hidden if granularity(method) == "node" else inputs)
+    """k -> the fraction of the first two weight matrices' parameters (H D + H H) it keeps:
+    (k + H) / (D + H) for edge methods (k inputs per node, all outgoing weights), k / H for
+    node methods."""
+    if granularity(method) == "edge":
+        return (k + hidden) / (inputs + hidden)
+    return k / hidden
+
+
+def random_edge_masks(hidden, inputs, k, rng):
+    """random_edge on real data: every hidden node keeps a uniform k-subset of its inputs
+    (exactly k, unlike the teacher-student registry's independent keep-with-probability-k/N)
+    -> (H, D) bool."""
+    keep = np.zeros((hidden, inputs), dtype=bool)
+    np.put_along_axis(keep, np.argsort(rng.random((hidden, inputs)), axis=1)[:, :k], True,
+                      axis=1)
+    return keep
 
 
 def round_rngs(seed, rounds):
@@ -137,7 +164,9 @@ class MaskDrawer:
     def __init__(self, model, stats, beta=0.3, device="cpu", cache_bytes=1 << 30,
                  node_batch=None):
         self.w1 = model.layers[0].weight.detach().cpu().double().numpy()          # (H, D)
-        self.out_norms = model.layers[1].weight.detach().cpu().double().norm(dim=0).numpy()
+        # importance_node's scores: mean |outgoing weight| of every hidden node (H,)
+        self.out_importance = model.layers[1].weight.detach().cpu().double().abs().mean(
+            dim=0).numpy()
         self.stats, self.beta, self.device = stats, float(beta), device
         self.hidden, self.inputs = self.w1.shape
         d = self.inputs
@@ -197,9 +226,13 @@ class MaskDrawer:
             for i, kdpp in self._edge_kdpp_stream():
                 for key, rng in rngs.items():
                     out[key][i, kdpp.sample(key[0], rng)] = True
+        elif method == "random_edge":
+            for (k, r), rng in rngs.items():
+                out[k, r] = random_edge_masks(h, d, k, rng)
         else:
             for (k, r), rng in rngs.items():
-                masks = draw_masks(method, self.w1, self.out_norms, self.stats.gram, k, 1, rng)
+                masks = draw_masks(method, self.w1, self.out_importance, self.stats.gram, k, 1,
+                                   rng)
                 out[k, r] = masks[0].T.copy()                                    # (H, D)
         return out
 

@@ -40,9 +40,11 @@ def parse_args(argv=None):
     p.add_argument("--k", type=int, default=None,
                    help="pruning: nodes kept (node methods) or inputs kept per node (edge methods)")
     p.add_argument("--fraction", type=float, default=None,
-                   help="pruning: fraction of first-layer weights kept, instead of --k")
+                   help="pruning: p, the fraction of the first two weight matrices' parameters "
+                   "kept (the x-axis; edges keep ceil(p D) inputs per node, nodes "
+                   "floor(H (floor(p D) + H) / (D + H))), instead of --k")
     p.add_argument("--fractions", default=",".join(map(str, real_data_sweep.FRACTIONS)),
-                   help="sweep: comma-separated fractions (default 0.1,...,0.9)")
+                   help="sweep: comma-separated values of p, as --fraction (default 0.1,...,0.9)")
     p.add_argument("--beta", type=float, default=0.3, help="beta of the Gaussian DPP kernels")
     p.add_argument("--reweighting", type=int, default=0, choices=(0, 1),
                    help="pruning: also refit the kept weights (1); the sweep does both")
@@ -108,7 +110,7 @@ def validate(args):
     args.fractions = _float_list("--fractions", args.fractions)
     for f in args.fractions + ([args.fraction] if args.fraction is not None else []):
         if not 0 < f <= 1:
-            raise cli.UserError(f"fractions of first-layer weights kept must be in (0, 1], got {f}")
+            raise cli.UserError(f"fractions of parameters kept must be in (0, 1], got {f}")
     if args.procedure == "pruning":
         if (args.k is None) == (args.fraction is None):
             raise cli.UserError("--procedure pruning needs exactly one of --k and --fraction")
@@ -138,10 +140,12 @@ def run_training(args, data):
 
 def prepared(args, data):
     model = mlp_training.load_weights(args.weights, args.dataset, args.dropout)
-    setup = real_data_sweep.prepare(args.dataset, model, data, beta=args.beta, device=args.device,
-                        weights_id=mlp_training.weights_id(args.weights),
-                        test_batch_size=args.test_batch_size)
-    node_scale, edge_scale = first_layer_pruning.kernel_scale(setup.stats, setup.drawer.w1, args.beta)
+    setup = real_data_sweep.prepare(args.dataset, model, data, beta=args.beta,
+                                    device=args.device,
+                                    weights_id=mlp_training.weights_id(args.weights),
+                                    test_batch_size=args.test_batch_size)
+    node_scale, edge_scale = first_layer_pruning.kernel_scale(setup.stats, setup.drawer.w1,
+                                                              args.beta)
     cli.log.info("unpruned test error %.2f%%; beta x median squared distance: %.3g (node "
                  "kernel), %.3g (edge kernels)", setup.unpruned_error, node_scale, edge_scale)
     return setup
@@ -150,10 +154,11 @@ def prepared(args, data):
 def run_pruning(args, data):
     setup = prepared(args, data)
     hidden, inputs = setup.drawer.hidden, setup.drawer.inputs
-    k = args.k if args.k is not None else first_layer_pruning.k_for_fraction(args.pruning_choice, args.fraction,
-                                                              hidden, inputs)
+    k = args.k if args.k is not None else first_layer_pruning.k_for_fraction(
+        args.pruning_choice, args.fraction, hidden, inputs)
     rws = (0, 1) if args.reweighting else (0,)
-    rows = real_data_sweep.evaluate_cell(setup, args.pruning_choice, k, range(args.rounds), args.seed, rws)
+    rows = real_data_sweep.evaluate_cell(setup, args.pruning_choice, k, range(args.rounds),
+                                         args.seed, rws, fraction=args.fraction)
     real_data_sweep.merge_results(args.results, rows, replace=True)
     cli.log.info("%d rows written to %s", len(rows), args.results)
 
@@ -161,8 +166,8 @@ def run_pruning(args, data):
 def run_sweep(args, data):
     setup = prepared(args, data)
     start = time.time()
-    rows = real_data_sweep.sweep(setup, methods=args.methods, fractions=args.fractions, rounds=args.rounds,
-                     seed=args.seed, results_path=args.results)
+    rows = real_data_sweep.sweep(setup, methods=args.methods, fractions=args.fractions,
+                                 rounds=args.rounds, seed=args.seed, results_path=args.results)
     cli.log.info("sweep: %d new rows in %s (%.1f s)", len(rows), args.results, time.time() - start)
 
 

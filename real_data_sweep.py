@@ -94,7 +94,6 @@ def _fmt(value):
     return "" if value is None else str(value)
 
 
-
 @dataclass
 class Setup:
     """A trained model with everything pruning needs, computed once."""
@@ -120,12 +119,16 @@ def prepare(dataset, model, data, *, beta=0.3, device="cpu", weights_id="", test
                  device, test_batch_size)
 
 
-def evaluate_cell(setup, method, k, rounds, seed, reweightings=(0, 1), masks=None):
+def evaluate_cell(setup, method, k, rounds, seed, reweightings=(0, 1), masks=None,
+                  fraction=None):
     """Rows for one (method, k): every round in `rounds` x every reweighting in
-    `reweightings`; also logs the errors. masks: precomputed {(k, r): mask} or None."""
+    `reweightings`; also logs the errors. masks: precomputed {(k, r): mask} or None.
+    fraction: the p that gave k (k_for_fraction), recorded in the rows; None records the
+    fraction of the first two weight matrices' parameters that k keeps (nominal_fraction)."""
+    if fraction is None:
+        fraction = nominal_fraction(method, k, setup.drawer.hidden, setup.drawer.inputs)
     if masks is None:
         masks = setup.drawer.draw(method, [k], rounds, seed)
-    h, d = setup.drawer.hidden, setup.drawer.inputs
     rows = []
     for r in sorted(set(rounds)):
         keep = masks[k, r]
@@ -138,7 +141,7 @@ def evaluate_cell(setup, method, k, rounds, seed, reweightings=(0, 1), masks=Non
             rows.append(dict(
                 dataset=setup.dataset, weights_id=setup.weights_id, method=method,
                 reweighting=int(rw), beta=setup.beta if method in DPP_METHODS else None,
-                seed=seed, k=k, fraction=nominal_fraction(method, k, h, d),
+                seed=seed, k=k, fraction=fraction,
                 kept_fraction=kept_fraction(keep), round=r, test_error=errors[rw],
                 unpruned_test_error=setup.unpruned_error))
         unit = "nodes" if granularity(method) == "node" else "inputs per node"
@@ -158,7 +161,8 @@ def sweep(setup, *, methods=METHODS, fractions=FRACTIONS, rounds=3, seed=0,
     done = {row_key(r) for r in read_results(results_path)} if results_path else set()
     new_rows = []
     for method in methods:
-        ks = sorted({k_for_fraction(method, f, h, d) for f in fractions})
+        fraction_of_k = {k_for_fraction(method, f, h, d): f for f in fractions}
+        ks = sorted(fraction_of_k)
         todo = {}
         for k in ks:
             for r in range(rounds):
@@ -172,7 +176,8 @@ def sweep(setup, *, methods=METHODS, fractions=FRACTIONS, rounds=3, seed=0,
         for k, by_round in todo.items():
             rows = []
             for r, rws in by_round.items():
-                rows += evaluate_cell(setup, method, k, [r], seed, rws, masks)
+                rows += evaluate_cell(setup, method, k, [r], seed, rws, masks,
+                                      fraction_of_k[k])
             if results_path:
                 merge_results(results_path, rows, replace=False)
             new_rows += rows

@@ -19,7 +19,7 @@ import image_datasets as datasets
 import mlp_training as mlp
 import real_data_sweep as experiments
 from dpp_sample_ts import draw_masks, gaussian_kernels, reweight_edges_batched, reweight_nodes
-from models import MLP
+from models import MLP, MLP_SIZES
 from reference import reference_reweight_edges
 
 # ----------------------------------------------------------------------------------------
@@ -137,7 +137,7 @@ def test_cifar10_cli_trains_and_sweeps(tmp_path, root):
     assert "epoch 1: train accuracy" in out.stdout and "sweep: 4 new rows" in out.stdout
     rows = result_rows(tmp_path / "real_data_results.csv")
     assert sorted((r["method"], r["k"], r["reweighting"]) for r in rows) == [
-        ("dpp_node", "10", "0"), ("dpp_node", "10", "1"),
+        ("dpp_node", "252", "0"), ("dpp_node", "252", "1"),
         ("random_edge", "31", "0"), ("random_edge", "31", "1")]
     assert all(0 <= float(r["test_error"]) <= 100 for r in rows)
 
@@ -196,21 +196,17 @@ def test_every_method_on_digits(digits_setup, method):
     for fraction in (0.2, 0.9):
         k = pruning.k_for_fraction(method, fraction, h, d)
         masks = s.drawer.draw(method, [k], range(2), seed=3)
-        rows = experiments.evaluate_cell(s, method, k, range(2), 3, (0, 1), masks)
+        rows = experiments.evaluate_cell(s, method, k, range(2), 3, (0, 1), masks, fraction)
         assert len(rows) == 4
+        assert all(row["fraction"] == fraction and row["k"] == k for row in rows)
         for r in range(2):
             keep = masks[k, r]
             assert keep.shape == (h, d)
-            if method == "random_edge":
-                assert abs(pruning.kept_fraction(keep) - k / d) < 0.03
-            else:
-                assert pruning.kept_fraction(keep) == pytest.approx(fraction, abs=0.5 / d)
-                assert pruning.kept_fraction(keep) == pruning.nominal_fraction(method, k, h, d)
             if pruning.granularity(method) == "node":
                 assert np.all(keep.all(axis=1) | ~keep.any(axis=1))    # whole rows
                 assert keep.any(axis=1).sum() == k
-            elif method != "random_edge":
-                assert np.all(keep.sum(axis=1) == k)
+            else:
+                assert np.all(keep.sum(axis=1) == k)                   # random_edge too
             if pruning.granularity(method) == "edge":
                 plain = pruning.prune_first_layer(s.model, keep, method, False, s.stats)
                 fitted = pruning.prune_first_layer(s.model, keep, method, True, s.stats)
@@ -225,6 +221,46 @@ def test_every_method_on_digits(digits_setup, method):
                 assert row["test_error"] <= s.unpruned_error + 3.0, row
 
 
+@pytest.mark.parametrize("dataset, inputs, hidden, edges, nodes", [
+    ("mnist", 784, 500, (79, 706), (225, 469)),
+    ("cifar10", 3072, 1000, (308, 2765), (320, 924)),
+])
+def test_budgets_of_the_original(dataset, inputs, hidden, edges, nodes):
+    """p = 10%..90% of the remaining parameters: e inputs per node (edge methods), n nodes."""
+    e = [pruning.k_for_fraction("dpp_edge", p, hidden, inputs) for p in experiments.FRACTIONS]
+    n = [pruning.k_for_fraction("dpp_node", p, hidden, inputs) for p in experiments.FRACTIONS]
+    assert (e[0], e[-1]) == edges and (n[0], n[-1]) == nodes
+    assert e == sorted(set(e)) and n == sorted(set(n))           # strictly increasing
+    for p, e_p, n_p in zip(experiments.FRACTIONS, e, n):
+        # n nodes (D inputs + H outgoing weights each) hold the parameters of H nodes with
+        # floor(p D) inputs each, to within one node
+        budget = hidden * (int(p * inputs + 1e-9) + hidden)
+        assert n_p * (inputs + hidden) <= budget < (n_p + 1) * (inputs + hidden)
+        assert e_p - 1 < p * inputs <= e_p
+        assert pruning.nominal_fraction("random_node", n_p, hidden, inputs) == n_p / hidden
+    assert MLP_SIZES[dataset][:2] == (inputs, hidden)
+
+
+def test_random_edge_keeps_a_uniform_subset_per_node():
+    rng = np.random.default_rng(0)
+    draws = np.stack([pruning.random_edge_masks(3, 10, 4, rng) for _ in range(3000)])
+    assert np.all(draws.sum(axis=2) == 4)                         # exactly k per node
+    freq = draws.mean(axis=0)                                     # (3, 10), 0.4 expected
+    assert np.abs(freq - 0.4).max() < 5 * np.sqrt(0.4 * 0.6 / 3000)
+    pairs = draws[:, 0, :, None] & draws[:, 0, None, :]           # P(a, b kept) = 4*3/(10*9)
+    off = pairs.mean(axis=0)[~np.eye(10, dtype=bool)]
+    assert np.abs(off - 12 / 90).max() < 5 * np.sqrt(12 / 90 * (1 - 12 / 90) / 3000)
+
+
+def test_importance_node_ranks_by_mean_absolute_outgoing_weight(digits_setup):
+    s = digits_setup
+    w_out = s.model.layers[1].weight.detach().double().numpy()      # (100, 100)
+    k = pruning.k_for_fraction("importance_node", 0.5, s.drawer.hidden, s.drawer.inputs)
+    keep = s.drawer.draw("importance_node", [k], [0], seed=0)[k, 0].any(axis=1)
+    score = np.abs(w_out).mean(axis=0)
+    assert keep.sum() == k and score[keep].min() >= score[~keep].max()
+
+
 def test_masks_equal_the_registry_draws(digits_setup):
     """The cached k-DPP samplers give the registry's masks for the same kernels and generator."""
     s = digits_setup
@@ -232,11 +268,11 @@ def test_masks_equal_the_registry_draws(digits_setup):
     kernels = list(gaussian_kernels(torch.from_numpy(s.stats.gram), 0.3, 0.01,
                                     torch.from_numpy(w1)).numpy())
     for method, kern, k in (("dpp_edge", kernels, 20), ("dpp_node", pruning.node_kernel(s.stats, 0.3), 30),
-                            ("random_edge", None, 20), ("importance_node", None, 30)):
+                            ("random_node", None, 30), ("importance_edge", None, 20)):
         masks = s.drawer.draw(method, [k], [0, 2], seed=5)
         for r in (0, 2):
             rng = pruning.round_rngs(5, r + 1)[r]
-            ref = draw_masks(method, w1, s.drawer.out_norms, s.stats.gram, k, 1, rng, kernels=kern)
+            ref = draw_masks(method, w1, s.drawer.out_importance, s.stats.gram, k, 1, rng, kernels=kern)
             np.testing.assert_array_equal(masks[k, r], ref[0].T)
 
 
