@@ -265,10 +265,3 @@ def prune_first_layer(model, keep, method, reweighting=False, stats=None, device
 def kept_fraction(keep):
     """Fraction of first-layer weights kept by an (H, D) mask."""
     return float(np.mean(keep))
-
-
-def preactivation_error(w_ref, w_new, gram):
-    """Mean over training samples of ||(W_ref - W_new) x||^2 = trace(E G E^T), E = W_ref - W_new:
-    how well a pruned first layer reproduces the trained pre-activations (bias unchanged)."""
-    e = np.asarray(w_ref, dtype=np.float64) - np.asarray(w_new, dtype=np.float64)
-    return float(np.einsum("id,de,ie->", e, gram, e))
