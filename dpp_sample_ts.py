@@ -323,8 +323,9 @@ class MaskList(list):
 class Pruner:
     name: str
     granularity: str          # 'node': k counts hidden nodes; 'edge': k counts inputs per node
-    draw: Callable            # (w1 (K,N), w2 (K,), gram (N,N), k, num_masks, rng, kernels)
-    #                           -> (B, N, K) bool; kernels: precomputed DPP kernel(s) or None
+    draw: Callable            # (w1 (K,N), w2 (K,), gram (N,N), k, num_masks, rng, kernels,
+    #                           importance_rule) -> (B, N, K) bool; kernels: precomputed DPP
+    #                           kernel(s) or None; importance_rule: see importance_node_keep
 
 
 PRUNERS = {}
@@ -348,7 +349,7 @@ def _node_masks(keep, n):
 
 
 @_register("dpp_node", "node")
-def dpp_node(w1, w2, gram, k, num_masks, rng, kernels=None):
+def dpp_node(w1, w2, gram, k, num_masks, rng, kernels=None, importance_rule=None):
     kernel = node_kernel(w1, gram) if kernels is None else kernels
     subsets = KDPP(kernel).sample_many(k, num_masks, rng)                    # (B, k)
     keep = np.zeros((num_masks, w1.shape[0]), dtype=bool)
@@ -357,24 +358,27 @@ def dpp_node(w1, w2, gram, k, num_masks, rng, kernels=None):
 
 
 @_register("dpp_edge", "edge")
-def dpp_edge(w1, w2, gram, k, num_masks, rng, kernels=None):
+def dpp_edge(w1, w2, gram, k, num_masks, rng, kernels=None, importance_rule=None,
+             progress=None):
     num_nodes, n = w1.shape
     masks = np.zeros((num_masks, n, num_nodes), dtype=bool)
     for i in range(num_nodes):
         kernel = edge_kernel(w1[i], gram) if kernels is None else kernels[i]
         subsets = KDPP(kernel).sample_many(k, num_masks, rng)                 # (B, k)
         np.put_along_axis(masks[:, :, i], subsets, True, axis=1)
+        if progress is not None:
+            progress(i + 1, num_nodes)
     return masks
 
 
 @_register("random_edge", "edge")
-def random_edge(w1, w2, gram, k, num_masks, rng, kernels=None):
+def random_edge(w1, w2, gram, k, num_masks, rng, kernels=None, importance_rule=None):
     num_nodes, n = w1.shape
     return rng.random((num_masks, n, num_nodes)) < k / n
 
 
 @_register("random_node", "node")
-def random_node(w1, w2, gram, k, num_masks, rng, kernels=None):
+def random_node(w1, w2, gram, k, num_masks, rng, kernels=None, importance_rule=None):
     num_nodes = w1.shape[0]
     scores = rng.random((num_masks, num_nodes))
     keep = np.zeros((num_masks, num_nodes), dtype=bool)
@@ -383,17 +387,40 @@ def random_node(w1, w2, gram, k, num_masks, rng, kernels=None):
 
 
 @_register("importance_edge", "edge")
-def importance_edge(w1, w2, gram, k, num_masks, rng, kernels=None):
+def importance_edge(w1, w2, gram, k, num_masks, rng, kernels=None, importance_rule=None):
     top = np.argsort(-np.abs(w1), axis=1, kind="stable")[:, :k]               # (K, k)
     mask = np.zeros(w1.shape, dtype=bool)
     np.put_along_axis(mask, top, True, axis=1)
     return np.repeat(mask.T[None], num_masks, axis=0)
 
 
+IMPORTANCE_RULES = ("magnitude", "signed")
+
+
+def importance_node_keep(w2, k, rule="magnitude"):
+    """(K,) bool: the k hidden nodes importance_node keeps, from the outgoing weights w2 (K,).
+
+    `magnitude`: the k largest |v_i| (ties to the lower index). `signed`: the original code's
+    rule, which removes np.argpartition(w2, K - k)[:K - k], the K - k smallest signed values
+    (nodes with negative v go first), ties broken exactly as that expression breaks them.
+    """
+    w2 = np.ravel(np.asarray(w2, dtype=np.float64))
+    num_nodes = w2.size
+    keep = np.zeros(num_nodes, dtype=bool)
+    if rule == "magnitude":
+        keep[np.argsort(-np.abs(w2), kind="stable")[:k]] = True
+    elif rule == "signed":
+        keep[:] = True
+        keep[np.argpartition(w2, num_nodes - k)[:num_nodes - k]] = False
+    else:
+        raise ValueError(f"unknown importance rule {rule!r}; choose one of "
+                         f"{', '.join(IMPORTANCE_RULES)}")
+    return keep
+
+
 @_register("importance_node", "node")
-def importance_node(w1, w2, gram, k, num_masks, rng, kernels=None):
-    keep = np.zeros(w1.shape[0], dtype=bool)
-    keep[np.argsort(-np.abs(np.ravel(w2)), kind="stable")[:k]] = True
+def importance_node(w1, w2, gram, k, num_masks, rng, kernels=None, importance_rule="magnitude"):
+    keep = importance_node_keep(w2, k, importance_rule)
     return _node_masks(np.repeat(keep[None], num_masks, axis=0), w1.shape[1])
 
 
@@ -404,14 +431,24 @@ def normalise_rows(w1):
     return w1 * (np.sqrt(w1.shape[1]) / np.where(norms > 0, norms, 1.0))
 
 
-def draw_masks(choice, w1, w2, gram, k, num_masks, rng, kernels=None):
-    """(num_masks, N, K) bool masks from the strategy `choice` for the student (w1, w2)."""
+def draw_masks(choice, w1, w2, gram, k, num_masks, rng, kernels=None,
+               importance_rule="magnitude", progress=None):
+    """(num_masks, N, K) bool masks from the strategy `choice` for the student (w1, w2).
+
+    progress(done, total), if given, is called as the work advances: after each hidden node
+    for dpp_edge (total K), once at the end for the other strategies (total 1)."""
     pruner = PRUNERS[choice]
     lo, hi = k_range(choice, w1.shape[1], w1.shape[0])
     if not lo <= k <= hi:
         raise ValueError(f"k = {k} is outside {lo}..{hi} for {choice}")
-    return pruner.draw(np.asarray(w1, np.float64), np.ravel(np.asarray(w2, np.float64)),
-                       gram, k, num_masks, rng, kernels=kernels)
+    args = (np.asarray(w1, np.float64), np.ravel(np.asarray(w2, np.float64)), gram, k,
+            num_masks, rng)
+    if choice == "dpp_edge":
+        return pruner.draw(*args, kernels=kernels, progress=progress)
+    masks = pruner.draw(*args, kernels=kernels, importance_rule=importance_rule)
+    if progress is not None:
+        progress(1, 1)
+    return masks
 
 
 # ----------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 `teacher_student.py` is a thin command-line layer over these, and `reproduce.py` and the
 notebooks call the same functions, so a figure and the README commands cannot disagree.
 """
+import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import expectations
 import order_param_odes
 import training
 from dpp_sample_ts import (PRUNERS, MaskList, draw_masks, edge_kernel, normalise_rows,
@@ -75,19 +77,26 @@ def rescaled(student):
                                 student.mode)
 
 
-def prune(teacher, student, choice, k, num_masks, seed=1, kernels=None):
-    """Rescale the student's rows to norm sqrt(N) and draw `num_masks` masks.
+def prune(teacher, student, choice, k, num_masks, seed=1, kernels=None, rescale=True,
+          importance_rule="magnitude", progress=None):
+    """Draw `num_masks` masks for the student, after rescaling its rows to norm sqrt(N) when
+    `rescale` (the original code's step; with rescale=False it is pruned as trained).
 
-    Returns (unpruned student, MaskList of (N, K) float32 0/1 arrays). `kernels`: optional
-    precomputed dpp_edge kernels of the rescaled student (see `edge_kernels`).
+    Returns (unpruned student, MaskList of (N, K) float32 0/1 arrays): the unpruned student
+    is the one the masks apply to. `kernels`: optional precomputed dpp_edge kernels of that
+    student (see `edge_kernels`); progress(done, total) as in dpp_sample_ts.draw_masks.
     """
-    unpruned = rescaled(student)
+    unpruned = rescaled(student) if rescale else student_from_weights(
+        student.w1.weight.detach().double().numpy(), student.w2.weight.detach().numpy(),
+        student.nonlinearity, student.mode)
     w1 = unpruned.w1.weight.detach().double().numpy()     # (K, N), exactly as stored
     w2 = unpruned.w2.weight.detach().double().numpy()
     rng = np.random.default_rng(seed)
-    masks = draw_masks(choice, w1, w2, teacher.gram.numpy(), k, num_masks, rng, kernels)
+    masks = draw_masks(choice, w1, w2, teacher.gram.numpy(), k, num_masks, rng, kernels,
+                       importance_rule, progress)
     meta = dict(choice=choice, k=k, input_dim=w1.shape[1], student_h_size=w1.shape[0],
-                seed=seed, teacher_id=teacher_id(teacher))
+                seed=seed, teacher_id=teacher_id(teacher), rescale=int(bool(rescale)),
+                importance_rule=importance_rule)
     return unpruned, MaskList([m.astype(np.float32) for m in masks], **meta)
 
 
@@ -142,6 +151,27 @@ def predicted_loss(teacher, weights, outs, nonlinearity="sigmoid"):
     q, r, t = order_parameters(weights, teacher.w1.numpy())
     eps = generalisation_error(q, r, t, outs, teacher.w2.numpy().ravel(), nonlinearity)
     return eps + 0.5 * teacher.noise_std ** 2
+
+
+def expected_test_loss(teacher, student, choice, k, reweighting=False, hgram=None,
+                       importance_rule="magnitude", kernels=None):
+    """The exact (node methods) or delta-method (edge methods) expected test loss over the
+    masks that `choice` draws with budget k from `student` as pruned (already rescaled if
+    pruning rescales): an expectations.Expectation with σ²/2 added to its value and first
+    order, or None where no expectation is derived (edge methods with reweighting)."""
+    w1 = student.w1.weight.detach().double().numpy()
+    w2 = student.w2.weight.detach().double().numpy().ravel()
+    if reweighting and PRUNERS[choice].granularity == "node" and hgram is None:
+        hgram = hidden_gram(teacher, student)
+    found = expectations.expectation(choice, k, w1, w2, teacher.w1.numpy(),
+                                     teacher.w2.numpy().ravel(), teacher.gram.numpy(),
+                                     reweighting, hgram, importance_rule, student.nonlinearity,
+                                     kernels)
+    if found is None:
+        return None
+    noise = 0.5 * teacher.noise_std ** 2
+    return dataclasses.replace(found, value=found.value + noise,
+                               first_order=found.first_order + noise)
 
 
 def curve_filename(student_h_size):

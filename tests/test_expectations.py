@@ -1,0 +1,235 @@
+"""Expected losses over the mask distributions against enumeration and sampled masks.
+
+Sampled means are of ε_g computed from each sampled mask's own order parameters (no test-set
+noise), so the only randomness is the masks': a tolerance of Z standard errors of the
+sampled mean is a check that fails with probability ~1e-5 for a correct expectation, and
+the seeds are fixed, so the tests are deterministic.
+"""
+import itertools
+
+import numpy as np
+import pytest
+
+import expectations
+import workflow
+from data import generate_teacher
+from dpp_sample_ts import (KDPP, exact_subset_probabilities, importance_node_keep, node_kernel,
+                           normalise_rows)
+from mask_marginals import BernoulliMarginals, KDPPMarginals, kdpp_eigen_ratios
+from order_params import order_parameters
+
+N, P, K = 40, 64000, 6
+Z = 4.5            # standard errors allowed between a sampled mean and its expectation
+SAMPLES = 1500     # masks drawn per comparison
+
+
+def brute_force_pairs(L, k):
+    """(n,) P(a in S) and (n, n) P(a, b in S), a != b (zero diagonal), by enumeration."""
+    n = L.shape[0]
+    incl, pair = np.zeros(n), np.zeros((n, n))
+    for subset, prob in exact_subset_probabilities(L, k).items():
+        s = list(subset)
+        incl[s] += prob
+        pair[np.ix_(s, s)] += prob
+    np.fill_diagonal(pair, 0.0)
+    return incl, pair
+
+
+@pytest.mark.parametrize("kind", ["full_rank", "rank_deficient", "near_diagonal"])
+def test_kdpp_marginals_match_enumeration(kind):
+    rng = np.random.default_rng(7)
+    n = 9
+    if kind == "full_rank":
+        a = rng.normal(size=(n, n))
+        L = a @ a.T / n
+    elif kind == "rank_deficient":
+        a = rng.normal(size=(n, 5))
+        L = a @ a.T
+    else:                                  # as dpp_edge kernels: diag(w) G diag(w), G ~ I
+        w = rng.normal(size=n)
+        g = np.eye(n) + 0.01 * rng.normal(size=(n, n))
+        L = (g + g.T) / 2 * np.outer(w, w)
+    kdpp = KDPP(L)
+    x = rng.normal(size=(n, 3))
+    for k in range(1, kdpp.rank + 1):
+        incl, pair = brute_force_pairs(L, k)
+        marg = KDPPMarginals(kdpp, k)
+        np.testing.assert_allclose(marg.pi, incl, atol=1e-12)
+        np.testing.assert_allclose(marg.pair_form(x), x.T @ pair @ x, atol=1e-11)
+        cov = pair + np.diag(incl) - np.outer(incl, incl)
+        np.testing.assert_allclose(marg.cov_form(x), x.T @ cov @ x, atol=1e-11)
+        assert marg.rho.sum() == pytest.approx(k, abs=1e-9)
+
+
+def test_eigen_ratios_are_stable_for_many_close_eigenvalues():
+    """500 eigenvalues within 1% of each other (where deletion recurrences lose every digit):
+    ρ sums to k, c is symmetric, non-negative, and each row of c sums to (k - 1) ρ_n
+    (given eigenvector n chosen, k - 1 others are)."""
+    lam = 1.0 + 0.01 * np.random.default_rng(0).random(500)
+    for k in (2, 100, 250, 499):
+        rho, c = kdpp_eigen_ratios(lam, k)
+        assert rho.sum() == pytest.approx(k, rel=1e-12)
+        assert np.all(c >= -1e-12) and np.allclose(c, c.T)
+        off = c - np.diag(np.diag(c))
+        np.testing.assert_allclose(off.sum(axis=1), (k - 1) * rho, rtol=1e-9)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A small trained student as pruning sees it (rows rescaled), its teacher and H."""
+    teacher = generate_teacher(N, 2, P, sig_w=0.25, seed=3)
+    student = workflow.rescaled(workflow.train(teacher, K, seed=5))
+    return teacher, student, workflow.hidden_gram(teacher, student)
+
+
+def sampled(teacher, student, hgram, choice, k, reweighting, num=SAMPLES):
+    """Per-mask predicted test loss (theory at each mask's order parameters)."""
+    _, masks = workflow.prune(teacher, student, choice, k, num, seed=11, rescale=False)
+    weights, outs = workflow.apply_masks(teacher, student, masks, choice, reweighting, hgram)
+    return workflow.predicted_loss(teacher, weights, outs)
+
+
+@pytest.mark.parametrize("choice,k", [("dpp_node", 1), ("dpp_node", 3), ("dpp_node", 5),
+                                      ("random_node", 2), ("random_node", 4)])
+@pytest.mark.parametrize("reweighting", [False, True])
+def test_node_expectation_matches_sampled_masks(trained, choice, k, reweighting):
+    teacher, student, hgram = trained
+    found = workflow.expected_test_loss(teacher, student, choice, k, reweighting, hgram)
+    losses = sampled(teacher, student, hgram, choice, k, reweighting)
+    assert found.kind == "exact"
+    assert abs(losses.mean() - found.value) < Z * losses.std() / np.sqrt(len(losses))
+    assert found.sd == pytest.approx(losses.std(), rel=0.15)
+
+
+@pytest.mark.parametrize("rule", ["magnitude", "signed"])
+@pytest.mark.parametrize("reweighting", [False, True])
+def test_importance_node_expectation_is_its_one_mask(trained, rule, reweighting):
+    teacher, student, hgram = trained
+    found = workflow.expected_test_loss(teacher, student, "importance_node", 3, reweighting,
+                                        hgram, importance_rule=rule)
+    _, masks = workflow.prune(teacher, student, "importance_node", 3, 1, rescale=False,
+                              importance_rule=rule)
+    weights, outs = workflow.apply_masks(teacher, student, masks, "importance_node",
+                                         reweighting, hgram)
+    assert found.value == pytest.approx(float(workflow.predicted_loss(teacher, weights, outs)[0]),
+                                        rel=1e-12)
+    assert found.sd == 0.0
+
+
+def test_dpp_node_subset_probabilities_are_the_kdpp(trained):
+    teacher, student, _ = trained
+    w1 = student.w1.weight.detach().double().numpy()
+    kernel = node_kernel(w1, teacher.gram.numpy())
+    for k in (1, 2, 4):
+        subsets = expectations.all_subsets(K, k)
+        probs = expectations.node_subset_probabilities("dpp_node", subsets, kernel)
+        exact = exact_subset_probabilities(kernel, k)
+        np.testing.assert_allclose(probs, [exact[tuple(s)] for s in subsets], rtol=1e-10)
+
+
+def test_dpp_node_agrees_with_random_node_at_one_node(trained):
+    """With rows of norm sqrt(N) and G close to I, L_ii = w_i^T G w_i is near N for every
+    node, so the 1-DPP (P(i) = L_ii / tr L) is near uniform: the two expectations differ by
+    at most max_i |P(i) - 1/K| * Σ_i |ε_i - mean ε|, which is small."""
+    teacher, student, _ = trained
+    w1 = student.w1.weight.detach().double().numpy()
+    kernel = node_kernel(w1, teacher.gram.numpy())
+    p = np.diag(kernel) / np.trace(kernel)
+    spread = np.abs(p - 1 / K).max()
+    assert spread < 0.02                                   # G ~ I: O(1/sqrt(P)) off uniform
+    q, r, t = order_parameters(w1, teacher.w1.numpy())
+    v, v_star = student.w2.weight.detach().double().numpy().ravel(), teacher.w2.numpy().ravel()
+    eps = expectations.node_subset_losses(q, r, t, v, v_star, expectations.all_subsets(K, 1))
+    dpp = expectations.expected_node_loss("dpp_node", 1, q, r, t, v, v_star, kernel=kernel)
+    rand = expectations.expected_node_loss("random_node", 1, q, r, t, v, v_star)
+    assert abs(dpp - rand) <= spread * np.abs(eps - eps.mean()).sum() + 1e-12
+    assert abs(dpp - rand) < 0.01 * rand
+
+
+@pytest.mark.parametrize("choice,k", [("dpp_edge", 7), ("dpp_edge", 20), ("dpp_edge", 33),
+                                      ("random_edge", 7), ("random_edge", 20)])
+def test_edge_expectation_matches_sampled_masks(trained, choice, k):
+    teacher, student, hgram = trained
+    found = workflow.expected_test_loss(teacher, student, choice, k, False, hgram)
+    losses = sampled(teacher, student, hgram, choice, k, False)
+    se = losses.std() / np.sqrt(len(losses))
+    assert found.kind == "delta"
+    assert abs(losses.mean() - found.value) < Z * se
+    assert found.sd == pytest.approx(losses.std(), rel=0.15)
+    # the delta method's correction is the size of the first-order gap: where that gap is
+    # resolved by the samples, the corrected value is the closer one
+    if abs(losses.mean() - found.first_order) > Z * se:
+        assert abs(losses.mean() - found.value) < abs(losses.mean() - found.first_order)
+
+
+def test_importance_edge_expectation_is_its_one_mask(trained):
+    teacher, student, hgram = trained
+    found = workflow.expected_test_loss(teacher, student, "importance_edge", 12)
+    assert found.kind == "exact"
+    assert found.value == pytest.approx(float(sampled(teacher, student, hgram,
+                                                      "importance_edge", 12, False, 1)[0]),
+                                        rel=1e-12)
+
+
+def test_edge_reweighting_has_no_expectation(trained):
+    teacher, student, _ = trained
+    assert workflow.expected_test_loss(teacher, student, "dpp_edge", 10, True) is None
+
+
+def test_random_edge_closed_form_is_the_first_order_value(trained):
+    teacher, student, _ = trained
+    w1 = student.w1.weight.detach().double().numpy()
+    v, v_star = student.w2.weight.detach().double().numpy().ravel(), teacher.w2.numpy().ravel()
+    q, r, t = order_parameters(w1, teacher.w1.numpy())
+    found = expectations.edge_expectation("random_edge", 10, w1, v, teacher.w1.numpy(), v_star)
+    closed = expectations.expected_random_edge_loss(q, r, t, v, v_star, 10 / N)
+    assert closed == pytest.approx(found.first_order, rel=1e-12)
+
+
+def test_bernoulli_covariance_is_diagonal():
+    x = np.random.default_rng(1).normal(size=(30, 4))
+    marg = BernoulliMarginals(0.3, 30)
+    np.testing.assert_allclose(marg.cov_form(x), 0.21 * x.T @ x)
+
+
+def test_rescaled_order_parameters_are_those_of_rescaled_rows():
+    rng = np.random.default_rng(2)
+    w, w_star = rng.normal(size=(5, 50)) * rng.random((5, 1)) * 2, rng.normal(size=(2, 50))
+    q, r, _ = order_parameters(w, w_star)
+    q1, r1, _ = order_parameters(normalise_rows(w), w_star)
+    got_q, got_r = expectations.rescale_order_parameters(q, r)
+    np.testing.assert_allclose(got_q, q1, rtol=1e-12)
+    np.testing.assert_allclose(got_r, r1, rtol=1e-12)
+
+
+def test_analytic_hidden_gram_is_the_large_sample_limit(trained):
+    teacher, student, hgram = trained
+    w1 = student.w1.weight.detach().double().numpy()
+    q, _, _ = order_parameters(w1, teacher.w1.numpy())
+    # entries are means of products of bounded activations: O(1/sqrt(P)) sampling error
+    np.testing.assert_allclose(expectations.analytic_hidden_gram(q), hgram, atol=6 / np.sqrt(P))
+
+
+@pytest.mark.parametrize("w2,k", [([0.5, -2.0, 1.0, -0.1, 3.0, 0.7], 2),
+                                  ([1.0, 1.0, -1.0, 1.0, -1.0, 0.0], 3),
+                                  ([2.0, 2.0, 2.0, -2.0], 1),
+                                  ([0.3, -0.3, 0.3, -0.3, 0.3], 4),
+                                  ([-1.0, -2.0, -3.0], 3)])
+def test_signed_importance_rule_is_the_original_expression(w2, k):
+    w2 = np.array(w2)
+    removed = np.argpartition(np.squeeze(w2), len(w2) - k)[:len(w2) - k]   # the original
+    expected = np.ones(len(w2), dtype=bool)
+    expected[removed] = False
+    np.testing.assert_array_equal(importance_node_keep(w2, k, "signed"), expected)
+
+
+def test_magnitude_and_signed_rules_differ_on_mixed_signs():
+    w2 = np.array([1.3, -1.2, 1.25, -1.3, 0.1, -0.05])
+    assert importance_node_keep(w2, 2, "magnitude").nonzero()[0].tolist() == [0, 3]
+    assert importance_node_keep(w2, 2, "signed").nonzero()[0].tolist() == [0, 2]
+
+
+def test_every_subset_enumerated_once():
+    subsets = expectations.all_subsets(7, 3)
+    assert len(subsets) == 35
+    assert {tuple(s) for s in subsets} == set(itertools.combinations(range(7), 3))
