@@ -33,6 +33,7 @@ specialisation; the tests check that tightening both tenfold changes the curve b
 than the finite-N fluctuations.
 """
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,6 +130,7 @@ class Trajectory:
     v_star: np.ndarray       # (M,)
     noise_std: float
     evaluations: int         # right-hand side evaluations of the integrator
+    seconds: float           # wall-clock time of the integration
 
     @property
     def eps_g(self):
@@ -166,6 +168,7 @@ def integrate(q0, r0, t, v0, v_star, lr, alphas, noise_std=0.0, train_v=True, rt
         return np.concatenate([dq.ravel(), dr.ravel(), dv])
 
     y0 = np.concatenate([q0.ravel(), r0.ravel(), v0])
+    start = time.perf_counter()
     if alphas[-1] > 0:
         sol = solve_ivp(rhs, (0.0, alphas[-1]), y0, method="RK45", t_eval=alphas, rtol=rtol,
                         atol=atol)
@@ -175,7 +178,8 @@ def integrate(q0, r0, t, v0, v_star, lr, alphas, noise_std=0.0, train_v=True, rt
     else:
         ys, evaluations = np.repeat(y0[None], alphas.size, axis=0), 0
     q, r, v = (np.stack(parts) for parts in zip(*(unpack(y) for y in ys)))
-    return Trajectory(alphas, q, r, v, t, v_star, float(noise_std), evaluations)
+    return Trajectory(alphas, q, r, v, t, v_star, float(noise_std), evaluations,
+                      time.perf_counter() - start)
 
 
 def initial_conditions(w1, w2, w_star):

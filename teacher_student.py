@@ -40,9 +40,9 @@ def parse_args(argv=None):
     parser.add_argument("--momentum", type=float, default=0, metavar="M",
                         help="SGD momentum (default: 0)")
     parser.add_argument("--ode", type=int, default=0, choices=(0, 1),
-                        help="training: 1 also writes <output_dir>/training_curve_<K>.csv, the test "
-                             "loss at about 50 points of alpha = steps/N beside the order-parameter "
-                             "ODEs' prediction (erf, plain SGD only; default: 0)")
+                        help="training: 1 also writes <output_dir>/training_curve_<K>.csv, the "
+                             "test loss at about 50 log-spaced points of alpha = steps/N beside the "
+                             "order-parameter ODEs' prediction (erf, plain SGD only; default: 0)")
     parser.add_argument("--epoch", type=int, default=1,
                         help="number of epochs (online learning so 1)")
     parser.add_argument("--seed", type=int, default=1, metavar="S",

@@ -179,9 +179,11 @@ def curve_filename(student_h_size):
 
 
 def segment_bounds(total, points):
-    """Step counts 0 = b_0 < b_1 < ... = total that cut `total` SGD steps into about `points`
-    segments of (nearly) equal length: (S + 1,) int64."""
-    return np.unique(np.linspace(0, total, int(points) + 1).round().astype(np.int64))
+    """Step counts 0 = b_0 < b_1 < ... < b_S = total at which a training curve is recorded:
+    0, then about `points` geometrically spaced from total / 10^4 to total, so that the fast
+    start, the plateau and the specialisation are all resolved on a log axis: (S + 1,) int64."""
+    ends = np.geomspace(max(1.0, total / 1e4), total, int(points)).round()
+    return np.unique(np.concatenate([[0.0], ends]).astype(np.int64))
 
 
 @dataclass
@@ -204,7 +206,7 @@ def train_with_curve(teacher, student_h_size, nonlinearity="sigmoid", mode="norm
                      epochs=1, seed=1, points=50, test_rows=10000, with_ode=True,
                      progress=None):
     """`train` (plain SGD, same seed, bit-identical weights) cut into about `points` segments
-    of consecutive training samples; between segments, the test loss on the first `test_rows`
+    of consecutive training samples (`segment_bounds`); at the start and after each segment, the test loss on the first `test_rows`
     test samples and the order parameters. With `with_ode`, the order-parameter ODEs started
     from the student's initial Q, R, T, v and integrated to the same alphas = steps / N.
 

@@ -152,7 +152,8 @@ def test_cli_writes_the_training_curve(small_teacher, tmp_path):
     assert code == 0, err
     table = np.genfromtxt(tmp_path / "training_curve_3.csv", delimiter=",", names=True)
     assert table.dtype.names == ("alpha", "test_loss", "ode_loss")
-    assert len(table) == 51 and table["alpha"][-1] == 20
+    assert 40 <= len(table) <= 51 and table["alpha"][0] == 0 and table["alpha"][-1] == 20
+    assert (np.diff(table["alpha"]) > 0).all()
     assert np.isfinite(table["ode_loss"]).all() and table["test_loss"][-1] < table["test_loss"][0]
     assert f"ODE {table['ode_loss'][-1]:.6g}" in out + err
     with_ode = (tmp_path / "student_3.pth").read_bytes()
