@@ -16,7 +16,7 @@ as N -> infinity (Saad & Solla 1995; Riegler & Biehl 1995; Goldt et al. 2019):
     dv_i/da  = -eta <g(lambda_i) Delta>        (0 in `soft_committee` mode)
 
 and every average is a sum over u of four Gaussian integrals with closed forms (`i2`, `i3`,
-`i4`, `j2`):  <g(lambda_i) Delta> = sum_c u_c I2(i, c),  <g'(lambda_i) f_b Delta> =
+`i4`, `j2`; the I4 sum is a compiled loop, `delta_sq_average`):  <g(lambda_i) Delta> = sum_c u_c I2(i, c),  <g'(lambda_i) f_b Delta> =
 sum_c u_c I3(i, b, c),  <g'(lambda_i) g'(lambda_k) Delta^2> = sum_cd u_c u_d I4(i, k, c, d).
 
 Integrator: scipy's adaptive Dormand-Prince 5(4) embedded Runge-Kutta pair (`RK45`). The
@@ -36,6 +36,7 @@ import math
 import time
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 from scipy.integrate import solve_ivp
 
@@ -79,30 +80,54 @@ def i4(c_aa, c_bb, c_ab, c_ac, c_ad, c_bc, c_bd, c_cc, c_dd, c_cd):
     return (4.0 / math.pi ** 2) * np.arcsin(lam0 / np.sqrt(lam1 * lam2)) / np.sqrt(lam4)
 
 
+_i4_scalar = numba.njit(i4, cache=True)   # the same formula, compiled for scalars
+
+
+@numba.njit(cache=True)
+def delta_sq_average(c, u, k):
+    """sum_cd u_c u_d I4(i, l, c, d) (k, k) for covariance c (L, L) and weights u (L,): the
+    <g'(lambda_i) g'(lambda_l) Delta^2> of the ODEs without the noise, i.e. the einsum
+    "ilcd,c,d->il" of `gaussian_averages`' I4, over i <= l and c <= d only (I4 is symmetric
+    under i <-> l and under c <-> d) and without the (k, k, L, L) tensor."""
+    n_fields = c.shape[0]
+    out = np.empty((k, k))
+    for i in range(k):
+        for l in range(i, k):
+            total = 0.0
+            for a in range(n_fields):
+                for b in range(a, n_fields):
+                    term = u[a] * u[b] * _i4_scalar(c[i, i], c[l, l], c[i, l], c[i, a], c[i, b],
+                                                    c[l, a], c[l, b], c[a, a], c[b, b], c[a, b])
+                    total += term if a == b else 2.0 * term
+            out[i, l] = total
+            out[l, i] = total
+    return out
+
+
 def covariance(q, r, t):
     """C = [[Q, R], [R^T, T]]: (K + M, K + M) from q (K, K), r (K, M), t (M, M)."""
     return np.block([[q, r], [r.T, t]])
 
 
 def gaussian_averages(c, k):
-    """The tensors of the ODEs for covariance c (L, L) whose first k fields are the student's.
-
-    Returns I2 (k, L) [i, c], I3 (k, L, L) [i, b, c], I4 (k, k, L, L) [i, l, c, d], J2 (k, k).
-    """
+    """I2 (k, L) [i, c], I3 (k, L, L) [i, b, c] and J2 (k, k) [i, l] for covariance c (L, L)
+    whose first k fields are the student's."""
     d = np.diag(c)                                               # (L,)
-    cs = c[:k]                                                   # (k, L) rows of students
-    ds = d[:k]                                                   # (k,)
-    two = i2(cs, ds[:, None], d[None, :])
-    three = i3(ds[:, None, None], cs[:, :, None], cs[:, None, :], c[None, :, :],
+    two = i2(c[:k], d[:k, None], d[None, :])
+    three = i3(d[:k, None, None], c[:k, :, None], c[:k, None, :], c[None, :, :],
                d[None, None, :])
+    return two, three, j2(c[:k, :k], d[:k, None], d[None, :k])
+
+
+def i4_tensor(c, k):
+    """I4 (k, k, L, L) [i, l, c, d] for covariance c (L, L) whose first k fields are the
+    student's (the ODEs contract it on the fly, `delta_sq_average`)."""
+    d, cs = np.diag(c), c[:k]
     a = (slice(None), None, None, None)                          # broadcast index i
     b = (None, slice(None), None, None)                          # broadcast index l
-    css = c[:k, :k]
-    four = i4(ds[a], ds[b], css[:, :, None, None], cs[:, None, :, None], cs[:, None, None, :],
-              cs[None, :, :, None], cs[None, :, None, :], d[None, None, :, None],
-              d[None, None, None, :], c[None, None, :, :])
-    jj = j2(css, ds[:, None], ds[None, :])
-    return two, three, four, jj
+    return i4(d[:k][a], d[:k][b], c[:k, :k, None, None], cs[:, None, :, None],
+              cs[:, None, None, :], cs[None, :, :, None], cs[None, :, None, :],
+              d[None, None, :, None], d[None, None, None, :], c[None, None, :, :])
 
 
 def derivatives(q, r, t, v, v_star, lr, noise_std=0.0, train_v=True):
@@ -110,9 +135,10 @@ def derivatives(q, r, t, v, v_star, lr, noise_std=0.0, train_v=True):
     v (K,), v_star (M,), for learning rate lr (eta) and output noise noise_std (sigma)."""
     k = q.shape[0]
     u = np.concatenate([v, -np.asarray(v_star, dtype=np.float64)])        # (L,)
-    two, three, four, jj = gaussian_averages(covariance(q, r, t), k)
+    c = covariance(q, r, t)
+    two, three, jj = gaussian_averages(c, k)
     field_delta = three @ u                     # (k, L): <g'(lambda_i) f_b Delta>
-    delta_sq = np.einsum("ilcd,c,d->il", four, u, u) + noise_std ** 2 * jj  # (k, k)
+    delta_sq = delta_sq_average(c, u, k) + noise_std ** 2 * jj            # (k, k)
     dr = -lr * v[:, None] * field_delta[:, k:]
     drift = -lr * v[:, None] * field_delta[:, :k]                         # (k, k) [i, l]
     dq = drift + drift.T + lr ** 2 * np.outer(v, v) * delta_sq

@@ -32,7 +32,8 @@ def test_gaussian_averages_match_monte_carlo():
     rng = np.random.default_rng(0)
     q, r, t, _ = random_covariance(rng, 2, 2)
     c = ode.covariance(q, r, t)                                      # (4, 4)
-    two, three, four, jj = ode.gaussian_averages(c, 2)
+    two, three, jj = ode.gaussian_averages(c, 2)
+    four = ode.i4_tensor(c, 2)
     f = rng.standard_normal((200_000, 4)) @ np.linalg.cholesky(c).T  # (S, L) fields
     g, gp = erf_g(f), erf_gp(f[:, :2])                               # (S, L), (S, 2)
     samples = {
@@ -45,6 +46,9 @@ def test_gaussian_averages_match_monte_carlo():
         mean, se = draws.mean(0), draws.std(0) / math.sqrt(len(draws))
         assert closed.shape == mean.shape, name
         assert np.all(np.abs(closed - mean) < 5 * se + 1e-12), name
+    u = rng.standard_normal(4)
+    assert np.allclose(ode.delta_sq_average(c, u, 2), np.einsum("ilcd,c,d->il", four, u, u),
+                       rtol=1e-12, atol=1e-14)
 
 
 def sgd_step_changes(w, v, w_star, v_star, x, noise, lr):
@@ -160,3 +164,18 @@ def test_cli_writes_the_training_curve(small_teacher, tmp_path):
     code, _, err = call("teacher_student.py", common)
     assert code == 0, err
     assert (tmp_path / "student_3.pth").read_bytes() == with_ode
+
+
+def test_notebook_runs_at_smoke_scale(root, tmp_path, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+    monkeypatch.setenv("ODE_SCALE", "smoke")
+    monkeypatch.setenv("ODE_OUT", str(tmp_path))
+    nb = nbformat.read(root / "notebooks" / "5_ode_theory.ipynb", as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(root / "notebooks")}}).execute()
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "scale smoke: N = 40" in text and "largest gap" in text
+    assert text.count("measured (20 masks)") == 2
+    assert (tmp_path / "ode_test_loss.png").stat().st_size > 0
+    assert (tmp_path / "ode_order_parameters.png").stat().st_size > 0
