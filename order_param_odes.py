@@ -45,6 +45,10 @@ from order_params import generalisation_error, order_parameters
 _TWO_OVER_PI = 2.0 / math.pi
 
 
+class IntegrationError(RuntimeError):
+    """The integrator could not follow the ODEs (they diverge at this learning rate)."""
+
+
 def i2(c_ab, c_aa, c_bb):
     """I2 = <g(a) g(b)> = (2/pi) asin(C_ab / sqrt((1 + C_aa)(1 + C_bb))), elementwise."""
     return _TWO_OVER_PI * np.arcsin(c_ab / np.sqrt((1.0 + c_aa) * (1.0 + c_bb)))
@@ -199,7 +203,7 @@ def integrate(q0, r0, t, v0, v_star, lr, alphas, noise_std=0.0, train_v=True, rt
         sol = solve_ivp(rhs, (0.0, alphas[-1]), y0, method="RK45", t_eval=alphas, rtol=rtol,
                         atol=atol)
         if not sol.success:
-            raise RuntimeError(f"the ODE integration failed: {sol.message}")
+            raise IntegrationError(f"the ODE integration failed: {sol.message}")
         ys, evaluations = sol.y.T, sol.nfev
     else:
         ys, evaluations = np.repeat(y0[None], alphas.size, axis=0), 0

@@ -17,6 +17,7 @@ import cli
 import workflow
 from dpp_sample_ts import PRUNERS, KDPPError, k_range
 from models import MODES, NONLINEARITIES, student_from_weights
+from order_param_odes import IntegrationError
 from storage import (FileProblem, atomic_open, check_folder_writable, check_readable,
                      check_writable, load_pickle, load_state_dict, save_pickle, save_state_dict)
 
@@ -235,9 +236,13 @@ def run_training(args, teacher):
             bar.update(done - bar.n)
 
         if args.ode:
-            student, curve = workflow.train_with_curve(
-                teacher, args.student_h_size, args.nonlinearity, args.mode, args.lr, args.epoch,
-                args.seed, progress=progress)
+            try:
+                student, curve = workflow.train_with_curve(
+                    teacher, args.student_h_size, args.nonlinearity, args.mode, args.lr,
+                    args.epoch, args.seed, progress=progress)
+            except IntegrationError as e:
+                raise cli.UserError(f"{e} with --lr {args.lr}; nothing was written, use a "
+                                    "smaller --lr or --ode 0") from None
         else:
             student = workflow.train(teacher, args.student_h_size, args.nonlinearity, args.mode,
                                      args.lr, args.epoch, args.momentum, args.seed,

@@ -208,7 +208,8 @@ def train_with_curve(teacher, student_h_size, nonlinearity="sigmoid", mode="norm
     """`train` (plain SGD, same seed, bit-identical weights) cut into about `points` segments
     of consecutive training samples (`segment_bounds`); at the start and after each segment, the test loss on the first `test_rows`
     test samples and the order parameters. With `with_ode`, the order-parameter ODEs started
-    from the student's initial Q, R, T, v and integrated to the same alphas = steps / N.
+    from the student's initial Q, R, T, v and integrated to the same alphas = steps / N
+    (not when SGD diverged: then curve.ode is None).
 
     Returns (trained student, TrainingCurve).
     """
@@ -243,7 +244,7 @@ def train_with_curve(teacher, student_h_size, nonlinearity="sigmoid", mode="norm
     alpha = bounds / n
     curve = TrainingCurve(alpha, np.array(losses), np.stack(qs), np.stack(rs), np.stack(vs),
                           len(test_y))
-    if with_ode:
+    if with_ode and np.isfinite(w1).all() and np.isfinite(w2).all():   # else SGD diverged
         q0, r0, t, v0 = curve.q[0], curve.r[0], order_parameters(w1, w_star)[2], curve.v[0]
         curve.ode = order_param_odes.integrate(
             q0, r0, t, v0, teacher.w2.numpy().ravel(), lr, alpha, teacher.noise_std,

@@ -179,3 +179,19 @@ def test_notebook_runs_at_smoke_scale(root, tmp_path, monkeypatch):
     assert text.count("measured (20 masks)") == 2
     assert (tmp_path / "ode_test_loss.png").stat().st_size > 0
     assert (tmp_path / "ode_order_parameters.png").stat().st_size > 0
+
+
+def test_cli_reports_a_failed_integration(small_teacher, tmp_path, monkeypatch):
+    from entry_points import call
+    from storage import save_pickle
+
+    def fail(*args, **kwargs):
+        raise ode.IntegrationError("the ODE integration failed: step size too small")
+    monkeypatch.setattr(ode, "integrate", fail)
+    save_pickle(small_teacher, tmp_path / "teacher.pkl")
+    code, _, err = call("teacher_student.py", ["--input_dim", 200, "--student_h_size", 3,
+                                               "--teacher_path", tmp_path / "teacher.pkl",
+                                               "--output_dir", tmp_path, "--ode", 1])
+    assert code != 0 and "use a smaller --lr or --ode 0" in err and "Traceback" not in err
+    assert not (tmp_path / "training_curve_3.csv").exists()
+    assert not (tmp_path / "student_3.pth").exists()
