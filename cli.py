@@ -276,3 +276,12 @@ def check_masks(content, path, input_dim=None, teacher=None, teacher_path=None):
     if teacher is not None:
         check_same_teacher(masks, teacher, path, teacher_path, f"{again} and this teacher")
     return student, masks
+
+
+def check_rescale(masks, path, rescale):
+    """Raise UserError unless the masks were drawn with the same --rescale (files written
+    before the flag existed were all drawn from rescaled students)."""
+    made = int(getattr(masks, "rescale", 1))
+    if made != rescale:
+        raise UserError(f"masks file {path} was made with --rescale {made}, not --rescale "
+                        f"{rescale}; pass --rescale {made} or prune again with --rescale {rescale}")

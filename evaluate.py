@@ -9,6 +9,7 @@ import numpy as np
 
 import cli
 import plots
+import teacher_student
 import workflow
 from order_params import NotSpecialised, block_order, order_parameters
 from storage import FileProblem, check_folder_writable, check_readable, check_writable, load_pickle
@@ -24,6 +25,9 @@ def parse_args(argv=None):
                         help="The input dimension for each data point.")
     parser.add_argument("--reweighting", type=int, default=0, choices=(0, 1),
                         help="evaluate the pruned students after reweighting (1) or not (0)")
+    parser.add_argument("--rescale", type=int, default=1, choices=(0, 1),
+                        help="the --rescale the masks were pruned with (default: 1); a masks "
+                             "file made with the other value is refused")
     parser.add_argument("--threshold", type=float, default=0.7,
                         help="|R| a student node needs to count as aligned to a teacher node (default: 0.7)")
     parser.add_argument("--output_dir", type=str, default=".",
@@ -66,6 +70,7 @@ def load_inputs(args):
     content = load_pickle(args.path_to_student_mask, "masks file")
     student, masks = cli.check_masks(content, args.path_to_student_mask, args.input_dim,
                                      teacher, args.path_to_teacher)
+    cli.check_rescale(masks, args.path_to_student_mask, args.rescale)
     return teacher, student, masks
 
 
@@ -110,6 +115,8 @@ def main(argv=None):
     cli.log.info(f"predicted test loss (eps_g + sig_w^2/2) vs measured: unpruned "
                  f"{theory_unpruned:.6g} vs {result.unpruned_loss:.6g}; pruned "
                  f"{theory_pruned.mean():.6g} vs {result.mean:.6g}")
+    cli.log.info(teacher_student.expectation_line(teacher, student, masks,
+                                                  bool(args.reweighting)))
 
     png = png_path(args)
     plots.save_heatmaps(png, {"Q unpruned": q[np.ix_(order, order)], "R unpruned": r[order],

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 import cli
 import workflow
-from dpp_sample_ts import PRUNERS, KDPPError, k_range
+from dpp_sample_ts import IMPORTANCE_RULES, PRUNERS, KDPPError, k_range
 from models import MODES, NONLINEARITIES, student_from_weights
 from order_param_odes import IntegrationError
 from storage import (FileProblem, atomic_open, check_folder_writable, check_readable,
@@ -61,6 +61,13 @@ def parse_args(argv=None):
                         help="Number of masks to be sampled by DPP.")
     parser.add_argument("--reweighting", type=int, default=0, choices=(0, 1),
                         help="testing: refit the kept weights after pruning (1) or not (0)")
+    parser.add_argument("--rescale", type=int, default=1, choices=(0, 1),
+                        help="pruning: 1 rescales every row of w1 to norm sqrt(N) before the "
+                             "masks are drawn, as the original; 0 prunes the trained student as "
+                             "it is (testing refuses masks made with the other value)")
+    parser.add_argument("--importance_rule", type=str, default="magnitude",
+                        help="importance_node keeps the k nodes of largest |v| (magnitude) or, "
+                             "as the original code, of largest signed v (signed)")
     parser.add_argument("--load_from_pkl", type=int, default=0, choices=(0, 1),
                         help="dpp_edge: reuse the kernels saved in --kernel_path by an earlier run (1)")
     parser.add_argument("--kernel_path", type=str, default=None,
@@ -102,6 +109,9 @@ def validate(args):
             raise cli.UserError("--ode 1 needs --nonlinearity sigmoid: the ODEs' averages are "
                                 "closed forms for the erf network")
         return
+    if args.importance_rule not in IMPORTANCE_RULES:
+        raise cli.UserError(f"--importance_rule must be one of {', '.join(IMPORTANCE_RULES)}, "
+                            f"got {args.importance_rule!r}")
     if args.pruning_choice not in PRUNERS:
         raise cli.UserError(f"--pruning_choice must be one of {', '.join(PRUNERS)}, got {args.pruning_choice!r}")
     lo, hi = k_range(args.pruning_choice, args.input_dim, args.student_h_size)
@@ -274,7 +284,7 @@ def dpp_edge_kernels(args, teacher, student):
     """dpp_edge kernels of the rescaled student: read from the kernel pickle with
     --load_from_pkl 1, otherwise built and saved there for the next run."""
     path = kernel_path(args)
-    unpruned = workflow.rescaled(student)
+    unpruned = workflow.rescaled(student) if args.rescale else student
     wid = workflow.weights_id(unpruned.w1.weight.detach().double().numpy())
     if args.load_from_pkl:
         cache = load_pickle(path, "kernel file")
@@ -304,7 +314,8 @@ def run_pruning(args, teacher):
     start = time.time()
     try:
         unpruned, masks = workflow.prune(teacher, student, args.pruning_choice, args.k,
-                                         args.num_masks, args.seed, kernels)
+                                         args.num_masks, args.seed, kernels, bool(args.rescale),
+                                         args.importance_rule)
     except KDPPError as e:
         raise cli.UserError(f"--k {args.k} cannot be drawn by {args.pruning_choice} for this "
                             f"student ({str(e).rstrip('.')}); use a smaller --k") from None
@@ -316,13 +327,31 @@ def run_pruning(args, teacher):
 
 def run_testing(args, teacher):
     student, masks = load_masks(masks_path(args), args, teacher)
-    result = workflow.test_masks(teacher, student, masks, args.pruning_choice,
-                                 bool(args.reweighting), device=args.device)
+    rw = bool(args.reweighting)
+    hgram = (workflow.hidden_gram(teacher, student)
+             if rw and PRUNERS[args.pruning_choice].granularity == "node" else None)
+    result = workflow.test_masks(teacher, student, masks, args.pruning_choice, rw, hgram,
+                                 device=args.device)
     losses = result.losses
     cli.log.info(f"unpruned MLP test loss: {result.unpruned_loss}")
     cli.log.info(f"pruned MLP avg. test loss: {losses.mean()}")
     cli.log.info(f"over {len(losses)} masks{' with reweighting' if args.reweighting else ''}: "
                  f"std {losses.std():.6g}, min {losses.min():.6g}, max {losses.max():.6g}")
+    cli.log.info(expectation_line(teacher, student, masks, rw, hgram))
+
+
+def expectation_line(teacher, student, masks, reweighting, hgram=None):
+    """One line: the expected test loss over the mask distribution of this pruning run
+    beside what its masks gave (the measured mean has test-set and mask-sampling noise)."""
+    found = workflow.expected_test_loss(teacher, student, masks.choice, masks.k, reweighting,
+                                        hgram, getattr(masks, "importance_rule", "magnitude"))
+    if found is None:
+        return ("expected test loss over the mask distribution: not derived for edge methods "
+                "with reweighting")
+    how = ("exact" if found.kind == "exact"
+           else f"delta method; {found.first_order:.6g} at the expected order parameters")
+    return (f"expected test loss over the mask distribution: {found.value:.6g} ({how}; "
+            f"std over masks {found.sd:.3g})")
 
 
 def load_masks(path, args, teacher):
@@ -340,6 +369,7 @@ def load_masks(path, args, teacher):
                             "flags of the pruning run or prune again with these")
     cli.check_same_teacher(masks, teacher, path, args.teacher_path,
                            "prune again with this teacher")
+    cli.check_rescale(masks, path, args.rescale)
     if (student.nonlinearity, student.mode) != (args.nonlinearity, args.mode):
         raise cli.UserError(f"masks file {path} holds a {student.nonlinearity}/{student.mode} "
                             f"student but the flags say {args.nonlinearity}/{args.mode}")

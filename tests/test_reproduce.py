@@ -1,12 +1,18 @@
-"""reproduce.py resumes an interrupted sweep, and every notebook runs on the smoke preset."""
+"""reproduce.py: the grid on independent students, resuming, expectations beside the
+sampled masks, the claims, and every notebook on the smoke preset."""
 import csv
+import json
+import math
 
 import nbformat
+import numpy as np
 import pytest
 from nbclient import NotebookClient
 
+import claims
 import reproduce
 import sweep
+from run_tables import EXPECTATION_COLUMNS, RESULT_COLUMNS
 
 
 @pytest.fixture(scope="module")
@@ -22,10 +28,12 @@ def test_results_csv_has_one_row_per_cell_and_round(smoke_run):
         rows = list(csv.DictReader(f))
     cells = sweep.grid(preset)
     assert len(rows) == len(cells) * preset.rounds * len(preset.reweighting)
-    assert set(rows[0]) == set(sweep.COLUMNS)
+    assert set(rows[0]) == set(RESULT_COLUMNS)
     for row in rows:
         assert 0 < float(row["fraction_kept"]) <= 1
         assert float(row["test_loss"]) > 0 and float(row["predicted_loss"]) > 0
+        edge_rw = row["method"].endswith("_edge") and row["reweighting"] == "1"
+        assert math.isnan(float(row["expected"])) == edge_rw
 
 
 def test_interrupted_sweep_resumes_without_redoing_cells(tmp_path, monkeypatch):
@@ -42,9 +50,10 @@ def test_interrupted_sweep_resumes_without_redoing_cells(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep, "run_cell", interrupt_after_three)
     with pytest.raises(KeyboardInterrupt):
         reproduce.main(args)
-    done = sorted(p.name for p in (tmp_path / "run" / "cells").iterdir())
+    cells_dir = tmp_path / "run" / "student_0" / "cells"
+    done = sorted(p.name for p in cells_dir.iterdir())
     assert len(done) == 3
-    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "cells").iterdir()}
+    stamps = {p: p.stat().st_mtime_ns for p in cells_dir.iterdir()}
 
     calls.clear()
     monkeypatch.setattr(sweep, "run_cell", lambda *a: calls.append(a[2].name) or real_run_cell(*a))
@@ -60,6 +69,111 @@ def test_reused_folder_of_another_preset_is_refused(smoke_run):
         reproduce.main(["--preset", "smoke", "--out", str(smoke_run), "--seed", "2"])
 
 
+@pytest.fixture(scope="module")
+def three_students(tmp_path_factory):
+    """Two students first, then a third added to the same folder (resuming per student)."""
+    out = tmp_path_factory.mktemp("students")
+    args = ["--preset", "smoke", "--out", str(out), "--methods",
+            "dpp_node,random_node,random_edge,dpp_edge", "--rounds", "1"]
+    reproduce.main(args + ["--students", "2"])
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "student_0").rglob("*") if p.is_file()}
+    reproduce.main(args + ["--students", "3", "--jobs", "2"])
+    return out, stamps
+
+
+def test_students_are_independent_and_seeded_from_the_run_seed(three_students):
+    out, _ = three_students
+    seeds = [json.loads((out / f"student_{s}" / "seeds.json").read_text()) for s in range(3)]
+    teachers = [s["sigma_0"]["teacher"] for s in seeds]
+    inits = [s["sigma_0"]["student_6"] for s in seeds]
+    assert len(set(teachers)) == 3 and len(set(inits)) == 3
+    # student 0 keeps the seeds of a single-student run
+    assert teachers[0] == sweep.teacher_seed(1, sweep.Dataset(0, 0.0))
+    assert inits[0] == sweep.init_seed(1, sweep.Dataset(0, 0.0), 6)
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["student"] for r in rows} == {"0", "1", "2"}
+    by_student = {s: {r["unpruned_test_loss"] for r in rows if r["student"] == s} for s in "012"}
+    assert len({min(v) for v in by_student.values()}) == 3
+
+
+def test_adding_students_leaves_finished_students_untouched(three_students):
+    out, stamps = three_students
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+
+
+def test_expected_column_is_the_mean_over_many_sampled_masks(three_students):
+    """The expected loss of a cell against the sampled masks' predicted losses: the rounds of
+    one cell are few, so pool every cell's z-score of (sampled mean - expected) and check
+    they are standard-normal-sized."""
+    out, _ = three_students
+    with open(out / "results.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["method"] != "random_edge"
+                and not (r["method"].endswith("_edge") and r["reweighting"] == "1")]
+    with open(out / "expectations.csv") as f:
+        spread = {(r["student"], r["noise"], r["student_h_size"], r["method"], r["k"],
+                   r["reweighting"]): float(r["expected_sd"]) for r in csv.DictReader(f)}
+    num_masks = sweep.PRESETS["smoke"].num_masks
+    z = []
+    for r in rows:
+        sd = spread[(r["student"], r["noise"], r["student_h_size"], r["method"], r["k"],
+                     r["reweighting"])]
+        if sd > 0:
+            z.append((float(r["predicted_loss"]) - float(r["expected"])) / (sd / math.sqrt(num_masks)))
+    z = np.array(z)
+    assert len(z) > 30
+    assert abs(z.mean()) < 4 / math.sqrt(len(z)) + 0.3 and 0.4 < z.std() < 1.6
+
+
+def test_claims_table_pairs_students(three_students):
+    out, _ = three_students
+    with open(out / "claims.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(r["students"] == "3" for r in rows)
+    assert (out / "claims.md").read_text().startswith("| claim |")
+    with open(out / "expectations.csv") as f:
+        exp = list(csv.DictReader(f))
+    assert set(exp[0]) == set(EXPECTATION_COLUMNS)
+    row = next(r for r in rows if r["claim"] == "dpp_node below random_node"
+               and r["noise"] == "0.0" and r["student_h_size"] == "6" and r["nodes_equivalent"] == "3")
+    pick = {(e["student"], e["method"]): float(e["expected"]) for e in exp
+            if e["noise"] == "0.0" and e["student_h_size"] == "6" and e["k"] == "3"
+            and e["reweighting"] == "0" and e["method"] in ("dpp_node", "random_node")}
+    d = [pick[(s, "dpp_node")] - pick[(s, "random_node")] for s in "012"]
+    assert float(row["mean_difference"]) == pytest.approx(np.mean(d), rel=1e-9)
+    assert int(row["agree"]) == sum(x < 0 for x in d)
+
+
+def test_paired_interval_and_verdicts():
+    rng = np.random.default_rng(0)
+    covered = 0
+    for _ in range(2000):
+        d = rng.normal(0.3, 1.0, size=5)
+        _, low, high = claims.paired_interval(d)
+        covered += low < 0.3 < high
+    assert abs(covered / 2000 - 0.95) < 0.015            # the t interval's coverage
+    assert claims.verdict(-0.3, -0.1, 5) == "holds"
+    assert claims.verdict(0.1, 0.3, 5) == "fails"
+    assert claims.verdict(-0.1, 0.3, 5) == "not resolved at 5 students"
+    assert math.isnan(claims.paired_interval([0.2])[1])
+
+
+def test_specialisation_counts_groups_and_signed_weights():
+    r = np.array([[0.9, 0.1], [-0.95, 0.0], [0.2, 0.8], [0.1, -0.9], [0.05, 0.7]])
+    v = np.array([1.2, -1.3, 0.5, -0.4, 2.0])
+    counts, summed, effective = sweep.specialisation(r, v)
+    assert counts.tolist() == [2, 3]
+    np.testing.assert_allclose(summed, [1.2 - 1.3, 0.5 - 0.4 + 2.0])
+    np.testing.assert_allclose(effective, [1.2 + 1.3, 0.5 + 0.4 + 2.0])
+
+
+def test_bad_student_count_is_one_sentence(capsys):
+    with pytest.raises(SystemExit) as e:
+        __import__("cli").run(reproduce.main, ["--preset", "smoke", "--students", "0"])
+    assert e.value.code == 2
+    assert "--students must be positive" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name", ["1_test_loss_vs_parameters", "2_node_methods",
                                   "3_order_parameter_heatmaps", "4_theory_vs_simulation"])
 def test_notebook_runs_on_smoke_preset(name, smoke_run, root, monkeypatch):
@@ -73,3 +187,23 @@ def test_notebook_runs_on_smoke_preset(name, smoke_run, root, monkeypatch):
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
               if "image/png" in o.get("data", {})]
     assert images
+
+
+def test_keep_data_0_removes_teachers_and_changes_no_result(three_students, tmp_path):
+    out, _ = three_students
+    other = tmp_path / "lean"
+    reproduce.main(["--preset", "smoke", "--out", str(other), "--methods",
+                    "dpp_node,random_node,random_edge,dpp_edge", "--rounds", "1",
+                    "--students", "2", "--jobs", "2", "--keep_data", "0"])
+    assert not list(other.rglob("teacher.pkl"))
+    assert list(other.rglob("student_6.pth"))
+    with open(out / "results.csv") as f, open(other / "results.csv") as g:
+        full = [r for r in csv.DictReader(f) if r["student"] in "01"]
+        lean = list(csv.DictReader(g))
+    # the fixture ran students 0 and 1 in this process (torch's own thread count), this run in
+    # one-thread workers: float32 products may round differently, nothing else may differ
+    assert [{k: r[k] for k in r if "loss" not in k and k != "expected"} for r in full] == [
+        {k: r[k] for k in r if "loss" not in k and k != "expected"} for r in lean]
+    for a, b in zip(full, lean):
+        for key in ("test_loss", "predicted_loss", "expected"):
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-6, nan_ok=True)

@@ -1,0 +1,138 @@
+"""Verdicts on the paper's teacher-student claims, across independently trained students.
+
+A claim says that method A prunes to a lower test loss than method B at the same parameter
+budget (or that reweighting lowers a method's loss). For every student s the paired
+difference d_s = loss_s(A) - loss_s(B) is taken at the same noise level, panel, rescaling and
+budget. The losses are the exact (node methods) or delta-method (edge methods) expected test
+losses over the mask distribution (expectations.csv), so mask noise does not enter; only
+where no expectation is derived (edge methods with reweighting) is the measured mean over all
+of that student's masks used, and the row says so (basis `measured`).
+
+Across students the d_s are independent draws (each student has its own teacher, data and
+initialisation), so the 95% interval is mean ± t_{0.975, S-1} · sd / sqrt(S). Verdict:
+`holds` where the interval lies below zero, `fails` where it lies above, else `not resolved
+at S students`. Each interval is for its own row: with many rows some will exclude zero by
+chance (about 1 in 40 false verdicts each way at 95%), so read patterns across budgets, not
+single rows.
+"""
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.stats
+
+CLAIM_COLUMNS = ("claim", "noise", "student_h_size", "teacher_h_size", "rescale",
+                 "nodes_equivalent", "a", "b", "basis", "students", "mean_a", "mean_b",
+                 "mean_difference", "ci_low", "ci_high", "relative", "agree", "verdict")
+
+
+@dataclass(frozen=True)
+class Claim:
+    text: str
+    a: tuple            # (method, reweighting): the side claimed lower
+    b: tuple
+
+
+CLAIMS = (
+    Claim("dpp_node below random_node", ("dpp_node", 0), ("random_node", 0)),
+    Claim("dpp_node below importance_node", ("dpp_node", 0), ("importance_node", 0)),
+    Claim("dpp_node below random_node, reweighted", ("dpp_node", 1), ("random_node", 1)),
+    Claim("dpp_node below importance_node, reweighted", ("dpp_node", 1),
+          ("importance_node", 1)),
+    Claim("dpp_edge below random_edge", ("dpp_edge", 0), ("random_edge", 0)),
+    Claim("dpp_edge below importance_edge", ("dpp_edge", 0), ("importance_edge", 0)),
+    Claim("edge below node: random_edge below dpp_node", ("random_edge", 0), ("dpp_node", 0)),
+    Claim("edge below node: dpp_edge below dpp_node", ("dpp_edge", 0), ("dpp_node", 0)),
+    Claim("reweighting lowers dpp_node", ("dpp_node", 1), ("dpp_node", 0)),
+    Claim("reweighting lowers random_node", ("random_node", 1), ("random_node", 0)),
+    Claim("reweighting lowers importance_node", ("importance_node", 1), ("importance_node", 0)),
+    Claim("reweighting lowers dpp_edge", ("dpp_edge", 1), ("dpp_edge", 0)),
+    Claim("reweighting lowers random_edge", ("random_edge", 1), ("random_edge", 0)),
+)
+
+
+def _key(row):
+    return (float(row["noise"]), int(row["student_h_size"]), int(row["teacher_h_size"]),
+            int(row["rescale"]), int(row["nodes_equivalent"]))
+
+
+def losses_by_student(expectation_rows, result_rows=()):
+    """{(setting, method, reweighting): {student: (loss, basis)}}, setting = (noise, K, M,
+    rescale, nodes): the expected loss where derived, else the measured mean over rounds."""
+    table = defaultdict(dict)
+    for row in expectation_rows:
+        value = float(row["expected"])
+        if math.isfinite(value):
+            table[(_key(row), row["method"], int(row["reweighting"]))][int(row["student"])] = (
+                value, "expected")
+    measured = defaultdict(list)
+    for row in result_rows:
+        measured[(_key(row), row["method"], int(row["reweighting"]), int(row["student"]))].append(
+            float(row["test_loss"]))
+    for (setting, method, rw, student), values in measured.items():
+        table[(setting, method, rw)].setdefault(student, (float(np.mean(values)), "measured"))
+    return table
+
+
+def paired_interval(differences, level=0.95):
+    """Mean, and the t interval of the mean, of independent paired differences."""
+    d = np.asarray(differences, dtype=np.float64)
+    mean = float(d.mean())
+    if d.size < 2:
+        return mean, math.nan, math.nan
+    half = scipy.stats.t.ppf(0.5 + level / 2, d.size - 1) * d.std(ddof=1) / math.sqrt(d.size)
+    return mean, mean - half, mean + half
+
+
+def verdict(low, high, students):
+    if high < 0:
+        return "holds"
+    if low > 0:
+        return "fails"
+    return f"not resolved at {students} student{'s' if students != 1 else ''}"
+
+
+def evaluate(expectation_rows, result_rows=(), claims=CLAIMS):
+    """One row per claim and setting where both sides exist for at least one student."""
+    table = losses_by_student(expectation_rows, result_rows)
+    settings = sorted({key[0] for key in table})
+    out = []
+    for claim in claims:
+        for setting in settings:
+            a = table.get((setting, *claim.a), {})
+            b = table.get((setting, *claim.b), {})
+            students = sorted(set(a) & set(b))
+            if not students:
+                continue
+            la = np.array([a[s][0] for s in students])
+            lb = np.array([b[s][0] for s in students])
+            basis = {a[s][1] for s in students} | {b[s][1] for s in students}
+            mean, low, high = paired_interval(la - lb)
+            noise, k_nodes, m, rescale, nodes = setting
+            out.append(dict(claim=claim.text, noise=noise, student_h_size=k_nodes,
+                            teacher_h_size=m, rescale=rescale, nodes_equivalent=nodes,
+                            a=f"{claim.a[0]}{' rw' if claim.a[1] else ''}",
+                            b=f"{claim.b[0]}{' rw' if claim.b[1] else ''}",
+                            basis="measured" if "measured" in basis else "expected",
+                            students=len(students), mean_a=float(la.mean()),
+                            mean_b=float(lb.mean()), mean_difference=mean, ci_low=low,
+                            ci_high=high, relative=mean / float(lb.mean()),
+                            agree=int(np.sum(la < lb)), verdict=verdict(low, high, len(students))))
+    return out
+
+
+def markdown(rows):
+    """The claims as a Markdown table, one line per claim and setting."""
+    lines = ["| claim | σ | K | M | rescale | nodes | students | mean A − B (95% CI) | "
+             "relative | A lower for | basis | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ci = ("" if not math.isfinite(r["ci_low"])
+              else f" ({r['ci_low']:+.4f}, {r['ci_high']:+.4f})")
+        lines.append(f"| {r['claim']} | {r['noise']:g} | {r['student_h_size']} | "
+                     f"{r['teacher_h_size']} | {r['rescale']} | {r['nodes_equivalent']} | "
+                     f"{r['students']} | {r['mean_difference']:+.4f}{ci} | "
+                     f"{100 * r['relative']:+.1f}% | {r['agree']}/{r['students']} | "
+                     f"{r['basis']} | {r['verdict']} |")
+    return "\n".join(lines) + "\n"

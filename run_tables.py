@@ -1,0 +1,150 @@
+"""The CSV tables of a reproduce.py run, rebuilt from its finished work units.
+
+- results.csv: one row per cell, reweighting and round (measured and predicted test loss of
+  that round's masks, and the expected test loss over the mask distribution);
+- expectations.csv: one row per student, dataset, panel, rescaling, method, budget and
+  reweighting (the expected test loss, its first-order value and its spread over masks);
+- specialisation.csv: per student, dataset and panel, how many student nodes serve each
+  teacher node and their outgoing weights.
+Finished files are parsed once and kept, so rewriting the tables after every unit stays cheap.
+"""
+import csv
+import glob
+import io
+import math
+import os
+
+import numpy as np
+
+import sweep
+from storage import atomic_open
+
+RESULT_COLUMNS = ("student", "noise", "teacher_h_size", "student_h_size", "rescale", "method",
+                  "reweighting", "k", "nodes_equivalent", "fraction_kept", "round", "test_loss",
+                  "predicted_loss", "test_loss_std", "expected", "expected_first_order",
+                  "unpruned_test_loss", "unpruned_predicted_loss")
+EXPECTATION_COLUMNS = ("student", "noise", "teacher_h_size", "student_h_size", "rescale",
+                       "method", "reweighting", "k", "nodes_equivalent", "fraction_kept",
+                       "expected", "expected_first_order", "expected_sd", "unpruned_expected")
+SPECIALISATION_COLUMNS = ("student", "noise", "teacher_h_size", "student_h_size", "rescale",
+                          "teacher_node", "student_nodes", "summed_v", "effective_v")
+
+
+def _order(unit):
+    """Sort key: student, noise, teacher size, then (cells) panel, method, budget, rescaling."""
+    if isinstance(unit, sweep.Dataset):
+        return (unit.student, unit.noise, unit.teacher_h_size or 0)
+    return (_order(unit.dataset) + (unit.student_h_size, sweep.ALL_METHODS.index(unit.method),
+                                    unit.k, -unit.rescale))
+
+
+def _group_fields(preset, group):
+    d = group.dataset
+    return dict(student=d.student, noise=d.noise, teacher_h_size=sweep.teacher_size(preset, d),
+                student_h_size=group.student_h_size, rescale=group.rescale)
+
+
+class RunTables:
+    """The tables of one run folder, from every finished unit in it (whatever invocation
+    made it: more students, the other rescaling, another teacher size); `add` a unit that
+    has just finished, then `write`."""
+
+    def __init__(self, preset, out):
+        self.preset, self.out = preset, out
+        self._cell_rows = {}        # cell -> list of row dicts (without the expectation)
+        self._group_rows = {}       # group -> list of expectation row dicts
+        self._special = {}          # group -> list of specialisation row dicts
+        for path in sorted(glob.glob(os.path.join(out, "student_*", "cells", "*.npz"))):
+            with np.load(path) as z:
+                self.add(sweep.cell_from_meta(z["meta"]))
+        for path in sorted(glob.glob(os.path.join(out, "student_*", "expectations", "*.npz"))):
+            with np.load(path) as z:
+                self.add(sweep.group_from_meta(z["meta"]))
+
+    @property
+    def cells(self):
+        return sorted(self._cell_rows, key=_order)
+
+    @property
+    def groups(self):
+        return sorted(self._group_rows, key=lambda g: _order(g.dataset) + (g.student_h_size, -g.rescale))
+
+    def add(self, unit):
+        """Parse a finished cell or group (nothing if its file is not there yet)."""
+        if isinstance(unit, sweep.Cell):
+            if os.path.exists(sweep.cell_path(self.out, unit)):
+                self._cell_rows[unit] = list(self._read_cell(unit))
+        elif os.path.exists(sweep.group_path(self.out, unit)):
+            self._group_rows[unit], self._special[unit] = self._read_group(unit)
+
+    def _read_cell(self, cell):
+        preset = self.preset
+        with np.load(sweep.cell_path(self.out, cell)) as z:
+            for rw in preset.reweighting:
+                for rnd in range(preset.rounds):
+                    losses = z[f"losses_rw{rw}_round{rnd}"]
+                    yield dict(**_group_fields(preset, cell.group), method=cell.method,
+                               reweighting=rw, k=cell.k, nodes_equivalent=cell.nodes_equivalent,
+                               fraction_kept=sweep.fraction_kept(cell.method, cell.k,
+                                                                 preset.input_dim,
+                                                                 cell.student_h_size),
+                               round=rnd, test_loss=float(losses.mean()),
+                               predicted_loss=float(z[f"predicted_rw{rw}_round{rnd}"].mean()),
+                               test_loss_std=float(losses.std()),
+                               unpruned_test_loss=float(z["unpruned_loss"]),
+                               unpruned_predicted_loss=float(z["unpruned_predicted"]))
+
+    def _read_group(self, group):
+        preset = self.preset
+        fields = _group_fields(preset, group)
+        with np.load(sweep.group_path(self.out, group)) as z:
+            rows = [dict(**fields, method=sweep.ALL_METHODS[int(m)], reweighting=int(rw), k=int(k),
+                         nodes_equivalent=int(nodes),
+                         fraction_kept=sweep.fraction_kept(sweep.ALL_METHODS[int(m)], int(k),
+                                                           preset.input_dim, group.student_h_size),
+                         expected=value, expected_first_order=first, expected_sd=sd,
+                         unpruned_expected=float(z["unpruned_expected"]))
+                    for m, k, nodes, rw, value, first, sd in z["rows"]]
+            special = [dict(**fields, teacher_node=n, student_nodes=int(c), summed_v=float(s),
+                            effective_v=float(e))
+                       for n, (c, s, e) in enumerate(zip(z["counts"], z["summed"], z["effective"]))]
+        return rows, special
+
+    def expectation_rows(self):
+        return [row for g in self.groups if g in self._group_rows for row in self._group_rows[g]]
+
+    def specialisation_rows(self):
+        return [row for g in self.groups if g in self._special for row in self._special[g]]
+
+    def result_rows(self):
+        lookup = {}
+        for g, rows in self._group_rows.items():
+            for row in rows:
+                lookup[(g, row["method"], row["k"], row["reweighting"])] = row
+        out = []
+        for cell in self.cells:
+            for row in self._cell_rows.get(cell, ()):
+                found = lookup.get((cell.group, cell.method, cell.k, row["reweighting"]))
+                out.append(dict(row, expected=found["expected"] if found else math.nan,
+                                expected_first_order=(found["expected_first_order"] if found
+                                                      else math.nan)))
+        return out
+
+    def write(self):
+        """Rewrite the three tables (atomically); returns the path of results.csv."""
+        for name, columns, rows in (("results.csv", RESULT_COLUMNS, self.result_rows()),
+                                    ("expectations.csv", EXPECTATION_COLUMNS,
+                                     self.expectation_rows()),
+                                    ("specialisation.csv", SPECIALISATION_COLUMNS,
+                                     self.specialisation_rows())):
+            write_csv(os.path.join(self.out, name), columns, rows)
+        return os.path.join(self.out, "results.csv")
+
+
+def write_csv(path, columns, rows):
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_open(path, "w") as f:
+        f.write(buffer.getvalue())
