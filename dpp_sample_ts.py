@@ -42,6 +42,7 @@ import numba
 import numpy as np
 import scipy.linalg
 import threadpoolctl
+import torch
 
 NEG_RTOL = 1e-4  # relative size of negative eigenvalues / asymmetry accepted as rounding
 SMALL_LAPACK = 1024  # below this size LAPACK calls run on one BLAS thread (see _one_blas_thread)
@@ -296,13 +297,31 @@ def edge_kernel(w_i, gram):
     return np.asarray(gram, dtype=np.float64) * np.outer(w_i, w_i)
 
 
+def gaussian_kernels(gram, beta, eps=0.01, weights=None):
+    """Gaussian kernels L = exp(-beta ||a_p - a_q||^2) + eps I over the columns a_p of a
+    matrix A, from its Gram matrix: squared distances are gram_pp + gram_qq - 2 gram_pq
+    (clipped at 0), so A itself is never needed.
+
+    gram (n, n) float64 torch tensor on any device; weights None -> (1, n, n), the kernel of
+    A's own columns; weights (B, n) -> (B, n, n), kernel b over the columns of A diag(weights_b)
+    (whose Gram matrix is gram * outer(weights_b, weights_b)), all computed on gram's device."""
+    diag = torch.diagonal(gram)                                                  # (n,)
+    if weights is None:
+        sq = diag[None]                                                          # (1, n)
+        cross = 2.0 * gram[None]                                                 # (1, n, n)
+    else:
+        sq = weights ** 2 * diag                                                 # (B, n)
+        cross = 2.0 * weights[:, :, None] * weights[:, None, :] * gram          # (B, n, n)
+    dist2 = sq[:, :, None] + sq[:, None, :] - cross                             # (B, n, n)
+    kernel = torch.exp_(dist2.clamp_(min=0.0).mul_(-beta))
+    kernel.diagonal(dim1=1, dim2=2).add_(eps)
+    return kernel
+
+
 def gaussian_kernel(gram, beta, eps=0.01):
-    """L = exp(-beta ||a_p - a_q||^2) + eps I over the columns a_p of a matrix A, given
-    gram = A^T A (n, n): squared distances are gram_pp + gram_qq - 2 gram_pq."""
-    gram = np.asarray(gram, dtype=np.float64)
-    sq = np.diag(gram)
-    dist2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0)
-    return np.exp(-beta * dist2) + eps * np.eye(gram.shape[0])
+    """The kernel of gaussian_kernels for one numpy Gram matrix A^T A (n, n) -> (n, n) float64."""
+    gram = torch.as_tensor(np.asarray(gram, dtype=np.float64))
+    return gaussian_kernels(gram, beta, eps)[0].numpy()
 
 
 # ----------------------------------------------------------------------------------------
@@ -464,20 +483,65 @@ def solve_psd(a, b):
         return np.linalg.lstsq(a, b, rcond=None)[0]
 
 
+@torch.no_grad()
+def reweight_edges_batched(w1, keep, gram, device="cpu", max_bytes=256 << 20):
+    """Edge reweighting of every node at once: w1 (K, N), keep (K, N) bool (the transpose of
+    a mask), gram G = X^T X / P (N, N) -> (K, N) float64 numpy. For node i with kept inputs S
+    and removed R, w_iS += G_SS^{-1} G_SR w_iR (the least-squares fit X_S delta ~ X_R w_iR on
+    the training inputs), w_iR = 0. Nodes are solved together on `device` as padded
+    (B, kmax, kmax) systems by Cholesky, B chosen so that a batch stays near max_bytes.
+    Inputs that are zero in every training sample (G_jj = 0, e.g. MNIST's border pixels) have
+    zero rows and columns in G: they are left out of the systems and keep their weights, which
+    is the minimum-norm least-squares solution for them. Any other singular G_SS (fewer
+    samples than kept inputs) gets the minimum-norm solution through a pseudo-inverse (slow,
+    but rare). A bias, where the network has one, is not part of the fit."""
+    w = torch.as_tensor(np.asarray(w1, dtype=np.float64), device=device)
+    keep_t = torch.as_tensor(np.asarray(keep, dtype=bool), device=device)
+    g = torch.as_tensor(np.asarray(gram, dtype=np.float64), device=device)
+    h, d = w.shape
+    out = w * keep_t
+    removed_w = w * ~keep_t                                                     # (H, D)
+    solvable = keep_t & (torch.diagonal(g) > 0)[None, :]                        # (H, D)
+    counts = solvable.sum(1)
+    todo = torch.nonzero((counts > 0) & (keep_t.sum(1) < d)).flatten().tolist()
+    kmax_all = int(counts.max()) if h else 0
+    batch = max(1, max_bytes // max(1, 8 * kmax_all * kmax_all))
+    for start in range(0, len(todo), batch):
+        nodes = torch.tensor(todo[start:start + batch], device=device)
+        kk = counts[nodes]
+        kmax = int(kk.max())
+        # padded kept-input indices: (B, kmax), pads point at input 0 and are masked out
+        order = torch.argsort((~solvable[nodes]).to(torch.int8), dim=1, stable=True)
+        idx = order[:, :kmax]
+        valid = torch.arange(kmax, device=device)[None, :] < kk[:, None]         # (B, kmax)
+        idx = torch.where(valid, idx, torch.zeros_like(idx))
+        a = g[idx[:, :, None], idx[:, None, :]]                                 # (B, kmax, kmax)
+        both = valid[:, :, None] & valid[:, None, :]
+        eye = torch.eye(kmax, device=device, dtype=torch.float64).expand_as(a)
+        a = torch.where(both, a, eye * (~valid[:, :, None]))
+        rhs = torch.gather(removed_w[nodes] @ g, 1, idx) * valid                # (B, kmax)
+        chol, info = torch.linalg.cholesky_ex(a)
+        delta = torch.cholesky_solve(rhs[:, :, None], chol)[:, :, 0]
+        bad = torch.nonzero(info != 0).flatten()
+        if len(bad):
+            pinv = torch.linalg.pinv(a[bad], hermitian=True)
+            delta[bad] = (pinv @ rhs[bad][:, :, None])[:, :, 0]
+        delta = delta * valid
+        rows = nodes[:, None].expand_as(idx)
+        out.index_put_((rows[valid], idx[valid]), delta[valid], accumulate=True)
+    return out.cpu().numpy()
+
+
 def reweight_edges(w1, mask, gram):
-    """Per node i with kept inputs S and removed R: w_iS += argmin_d ||X_S d - X_R w_iR||^2
-    = G_SS^{-1} G_SR w_iR; w_iR = 0. w1 (K, N), mask (N, K) -> (K, N)."""
-    w1 = np.asarray(w1, dtype=np.float64)
-    mask = np.asarray(mask, dtype=bool)
-    out = np.zeros_like(w1)
-    with _one_blas_thread():
-        for i in range(w1.shape[0]):
-            s = np.flatnonzero(mask[:, i])
-            r = np.flatnonzero(~mask[:, i])
-            out[i, s] = w1[i, s]
-            if s.size and r.size:
-                out[i, s] += solve_psd(gram[np.ix_(s, s)], gram[np.ix_(s, r)] @ w1[i, r])
-    return out
+    """reweight_edges_batched for a mask (N, K) on the CPU: w1 (K, N), gram (N, N) -> (K, N).
+    Its K systems are small: one torch thread, like the LAPACK calls of _one_blas_thread (on
+    a busy 2-core machine two threads made it ten times slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return reweight_edges_batched(w1, np.asarray(mask, dtype=bool).T, gram)
+    finally:
+        torch.set_num_threads(before)
 
 
 def reweight_nodes(w2, keep, hidden_gram):

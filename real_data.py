@@ -6,9 +6,10 @@
     python3 real_data.py --dataset digits --procedure sweep --rounds 3
     python3 real_data.py --dataset mnist --data_root ./data --download --procedure training
 
-Training flags left out take the dataset's preset (real_data_lib.PRESETS): the paper's
+Training flags left out take the dataset's preset (mlp_training.PRESETS): the paper's
 settings for mnist and cifar10, a faster-learning one for the offline digits set.
-The work is done by real_data_lib; see its docstring for the conventions.
+The work is done by image_datasets, mlp_training, first_layer_pruning and real_data_sweep;
+see their docstrings for the conventions.
 """
 import os
 import time
@@ -16,7 +17,8 @@ import time
 import cli
 from choices import PRUNING_CHOICES
 
-lib = None   # real_data_lib, imported by main() once the flags parse (it loads torch)
+# the real-data modules (and with them torch) are imported by the functions that use them,
+# once the flags are parsed: --help answers at once.
 
 PROCEDURES = ("training", "pruning", "sweep")
 
@@ -37,9 +39,11 @@ def parse_args(argv=None):
     p.add_argument("--k", type=int, default=None,
                    help="pruning: nodes kept (node methods) or inputs kept per node (edge methods)")
     p.add_argument("--fraction", type=float, default=None,
-                   help="pruning: fraction of first-layer weights kept, instead of --k")
+                   help="pruning: p, the fraction of the first two weight matrices' parameters "
+                   "kept (the x-axis; edges keep ceil(p D) inputs per node, nodes "
+                   "floor(H (floor(p D) + H) / (D + H))), instead of --k")
     p.add_argument("--fractions", default=",".join(f"{0.1 * i:.1f}" for i in range(1, 10)),
-                   help="sweep: comma-separated fractions of first-layer weights kept")
+                   help="sweep: comma-separated values of p, as --fraction")
     p.add_argument("--beta", type=float, default=0.3, help="beta of the Gaussian DPP kernels")
     p.add_argument("--reweighting", type=int, default=0, choices=(0, 1),
                    help="pruning: also refit the kept weights (1); the sweep does both")
@@ -77,11 +81,15 @@ def _float_list(flag, text):
 
 
 def validate(args):
-    if args.dataset not in lib.DATASETS:
-        raise cli.UserError(f"--dataset must be one of {', '.join(lib.DATASETS)}, got {args.dataset!r}")
+    import first_layer_pruning
+    import image_datasets
+    import mlp_training
+    import models
+    if args.dataset not in image_datasets.DATASETS:
+        raise cli.UserError(f"--dataset must be one of {', '.join(image_datasets.DATASETS)}, got {args.dataset!r}")
     if args.procedure not in PROCEDURES:
         raise cli.UserError(f"--procedure must be one of {', '.join(PROCEDURES)}, got {args.procedure!r}")
-    preset = lib.PRESETS[args.dataset]
+    preset = mlp_training.PRESETS[args.dataset]
     for name in preset:
         if getattr(args, name) is None:
             setattr(args, name, preset[name])
@@ -100,17 +108,17 @@ def validate(args):
         cli.positive("--threads", args.threads)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in args.methods + [args.pruning_choice]:
-        if m not in lib.METHODS:
-            raise cli.UserError(f"unknown pruning method {m!r}; choose from {', '.join(lib.METHODS)}")
+        if m not in first_layer_pruning.METHODS:
+            raise cli.UserError(f"unknown pruning method {m!r}; choose from {', '.join(first_layer_pruning.METHODS)}")
     args.fractions = _float_list("--fractions", args.fractions)
     for f in args.fractions + ([args.fraction] if args.fraction is not None else []):
         if not 0 < f <= 1:
-            raise cli.UserError(f"fractions of first-layer weights kept must be in (0, 1], got {f}")
+            raise cli.UserError(f"fractions of parameters kept must be in (0, 1], got {f}")
     if args.procedure == "pruning":
         if (args.k is None) == (args.fraction is None):
             raise cli.UserError("--procedure pruning needs exactly one of --k and --fraction")
-        hidden, inputs = lib.MLP_SIZES[args.dataset][1], lib.MLP_SIZES[args.dataset][0]
-        total = hidden if lib.granularity(args.pruning_choice) == "node" else inputs
+        hidden, inputs = models.MLP_SIZES[args.dataset][1], models.MLP_SIZES[args.dataset][0]
+        total = hidden if first_layer_pruning.granularity(args.pruning_choice) == "node" else inputs
         if args.k is not None and not 1 <= args.k <= total:
             unit = "hidden nodes" if total == hidden else "inputs per node"
             raise cli.UserError(f"--k {args.k} is out of range for {args.pruning_choice} on "
@@ -120,8 +128,9 @@ def validate(args):
 
 
 def run_training(args, data):
+    import mlp_training
     start = time.time()
-    _, history = lib.train_and_save(
+    _, history = mlp_training.train_and_save(
         args.dataset, data, args.weights, seed=args.seed, device=args.device,
         batch_size=args.batch_size, test_batch_size=args.test_batch_size, lr=args.lr,
         momentum=args.momentum, epochs=args.epochs, target_acc=args.target_acc,
@@ -134,44 +143,53 @@ def run_training(args, data):
 
 
 def prepared(args, data):
-    model = lib.load_weights(args.weights, args.dataset, args.dropout)
-    setup = lib.prepare(args.dataset, model, data, beta=args.beta, device=args.device,
-                        weights_id=lib.weights_id(args.weights),
-                        test_batch_size=args.test_batch_size)
-    node_scale, edge_scale = lib.kernel_scale(setup.stats, setup.drawer.w1, args.beta)
+    import first_layer_pruning
+    import mlp_training
+    import real_data_sweep
+    model = mlp_training.load_weights(args.weights, args.dataset, args.dropout)
+    setup = real_data_sweep.prepare(args.dataset, model, data, beta=args.beta,
+                                    device=args.device,
+                                    weights_id=mlp_training.weights_id(args.weights),
+                                    test_batch_size=args.test_batch_size)
+    node_scale, edge_scale = first_layer_pruning.kernel_scale(setup.stats, setup.drawer.w1,
+                                                              args.beta)
     cli.log.info("unpruned test error %.2f%%; beta x median squared distance: %.3g (node "
                  "kernel), %.3g (edge kernels)", setup.unpruned_error, node_scale, edge_scale)
     return setup
 
 
 def run_pruning(args, data):
+    import first_layer_pruning
+    import real_data_sweep
     setup = prepared(args, data)
     hidden, inputs = setup.drawer.hidden, setup.drawer.inputs
-    k = args.k if args.k is not None else lib.k_for_fraction(args.pruning_choice, args.fraction,
-                                                              hidden, inputs)
+    k = args.k if args.k is not None else first_layer_pruning.k_for_fraction(
+        args.pruning_choice, args.fraction, hidden, inputs)
     rws = (0, 1) if args.reweighting else (0,)
-    rows = lib.evaluate_cell(setup, args.pruning_choice, k, range(args.rounds), args.seed, rws)
-    lib.merge_results(args.results, rows, replace=True)
+    rows = real_data_sweep.evaluate_cell(setup, args.pruning_choice, k, range(args.rounds),
+                                         args.seed, rws, fraction=args.fraction)
+    real_data_sweep.merge_results(args.results, rows, replace=True)
     cli.log.info("%d rows written to %s", len(rows), args.results)
 
 
 def run_sweep(args, data):
+    import real_data_sweep
     setup = prepared(args, data)
     start = time.time()
-    rows = lib.sweep(setup, methods=args.methods, fractions=args.fractions, rounds=args.rounds,
-                     seed=args.seed, results_path=args.results)
+    rows = real_data_sweep.sweep(setup, methods=args.methods, fractions=args.fractions,
+                                 rounds=args.rounds, seed=args.seed, results_path=args.results)
     cli.log.info("sweep: %d new rows in %s (%.1f s)", len(rows), args.results, time.time() - start)
 
 
 def main(argv=None):
-    global lib
     args = parse_args(argv)
-    import real_data_lib as lib
+    import image_datasets
+    import mlp_training
     validate(args)
     args.device = cli.resolve_device(args.device)
     threads = args.threads or (1 if args.dataset == "digits" else None)
-    with lib.cpu_threads(threads):
-        data = lib.load_dataset(args.dataset, args.data_root, args.download)
+    with mlp_training.cpu_threads(threads):
+        data = image_datasets.load_dataset(args.dataset, args.data_root, args.download)
         {"training": run_training, "pruning": run_pruning, "sweep": run_sweep}[args.procedure](args, data)
 
 

@@ -45,6 +45,11 @@ def parse_args(argv=None):
                              "original code, the largest signed v (default: magnitude)")
     parser.add_argument("--k20_teacher_h_size", type=int, default=None,
                         help="teacher hidden size M of the K = 20 panel (default: the preset's, 2)")
+    parser.add_argument("--keep_data", type=int, default=1, choices=(0, 1),
+                        help="1 keeps every teacher data set (1.77 GB each at paper scale); 0 "
+                             "deletes each one once its work is done, so that at most --jobs "
+                             "are on disk at a time (they are regenerated bit-identically from "
+                             "their recorded seeds if needed again) (default: 1)")
     parser.add_argument("--seed", type=int, default=1, help="random seed (default: 1)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="work units run in parallel processes (default: 1)")
@@ -136,8 +141,12 @@ class _Parallel:
         return False
 
 
-def run(preset_name, preset, out, seed, methods=None, students=1, jobs=1):
-    """Run every unfinished unit of the run; returns its RunTables."""
+def run(preset_name, preset, out, seed, methods=None, students=1, jobs=1, keep_data=True):
+    """Run every unfinished unit of the run; returns its RunTables and the claims rows.
+
+    Data sets are opened (made, then their cells and expectation groups submitted) all at
+    once, or with keep_data=False at most `jobs` at a time, each one's teacher file deleted
+    as soon as its last unit is done."""
     import claims
     import sweep
     from progress import Bar
@@ -150,7 +159,8 @@ def run(preset_name, preset, out, seed, methods=None, students=1, jobs=1):
     tables = RunTables(preset, out)
     work = collections.defaultdict(list)            # dataset -> unfinished cells and groups
     for unit in groups + cells:
-        path = sweep.group_path(out, unit) if isinstance(unit, sweep.Group) else sweep.cell_path(out, unit)
+        path = (sweep.group_path(out, unit) if isinstance(unit, sweep.Group)
+                else sweep.cell_path(out, unit))
         if not os.path.exists(path):
             work[unit.dataset].append(unit)
     unready = [d for d in work if not sweep.dataset_ready(preset, out, d)]
@@ -158,32 +168,44 @@ def run(preset_name, preset, out, seed, methods=None, students=1, jobs=1):
     cli.log.info(f"{students} student(s): {len(cells)} cells and {len(groups)} expectation "
                  f"groups, {len(cells) + len(groups) - todo} already done, {todo} to run, "
                  f"{len(unready)} data set(s) to make")
+    waiting = collections.deque(work)               # data sets not opened yet
+    left = {d: len(units) for d, units in work.items()}
     with (_Serial() if jobs == 1 else _Parallel(jobs)) as pool, \
             Bar(len(unready) + todo, f"{preset_name} grid", unit="unit") as bar:
         pending = {}
 
-        def submit_work(dataset):
+        def open_next():
+            dataset = waiting.popleft()
+            if dataset in unready:
+                pending[pool.submit(sweep.prepare_dataset, preset, out, dataset, seed)] = dataset
+                return
             for unit in work[dataset]:
                 fn = sweep.run_group if isinstance(unit, sweep.Group) else sweep.run_cell
                 pending[pool.submit(fn, preset, out, unit, seed)] = unit
 
-        for dataset in work:
-            if dataset in unready:
-                pending[pool.submit(sweep.prepare_dataset, preset, out, dataset, seed)] = dataset
-            else:
-                submit_work(dataset)
+        while waiting and (keep_data or len({u.dataset if not isinstance(u, sweep.Dataset)
+                                              else u for u in pending.values()}) < jobs):
+            open_next()
         while pending:
             for future in pool.next_done(pending):
                 unit = pending.pop(future)
                 result = future.result()
+                bar.update()
                 if isinstance(unit, sweep.Dataset):
                     for line in result:
                         cli.log.info(line)
-                    submit_work(unit)
-                else:
-                    tables.add(unit)
-                    tables.write()
-                bar.update()
+                    unready.remove(unit)
+                    waiting.appendleft(unit)
+                    open_next()
+                    continue
+                tables.add(unit)
+                tables.write()
+                left[unit.dataset] -= 1
+                if left[unit.dataset] == 0 and not keep_data:
+                    os.remove(sweep.teacher_path(out, unit.dataset))
+                    cli.log.info(f"removed {sweep.teacher_path(out, unit.dataset)} (--keep_data 0)")
+                    if waiting:
+                        open_next()
     tables.write()
     rows = claims.evaluate(tables.expectation_rows(), tables.result_rows())
     write_csv(os.path.join(out, "claims.csv"), claims.CLAIM_COLUMNS, rows)
@@ -199,7 +221,8 @@ def main(argv=None):
     start = time.time()
     import sweep
     try:
-        _, rows = run(args.preset, preset, out, args.seed, methods, args.students, args.jobs)
+        _, rows = run(args.preset, preset, out, args.seed, methods, args.students, args.jobs,
+                      bool(args.keep_data))
     except sweep.RunFolderError as e:
         raise cli.UserError(str(e)) from None
     counts = collections.Counter(r["verdict"].split(" at ")[0] for r in rows)

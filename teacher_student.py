@@ -34,6 +34,10 @@ def parse_args(argv=None):
                         help="learning rate eta of online SGD, eta/sqrt(N) and eta/N per layer")
     parser.add_argument("--momentum", type=float, default=0, metavar="M",
                         help="SGD momentum")
+    parser.add_argument("--ode", type=int, default=0, choices=(0, 1),
+                        help="training: 1 also writes <output_dir>/training_curve_<K>.csv, the "
+                             "test loss at about 50 log-spaced points of alpha = steps/N beside the "
+                             "order-parameter ODEs' prediction (erf, plain SGD only)")
     parser.add_argument("--epoch", type=int, default=1,
                         help="number of epochs (online learning so 1)")
     parser.add_argument("--seed", type=int, default=1, metavar="S",
@@ -94,6 +98,11 @@ def validate(args):
         if not 0 <= args.momentum < 1:
             raise cli.UserError(f"--momentum must be in [0, 1), got {args.momentum}")
         cli.positive("--epoch", args.epoch)
+        if args.ode and args.momentum > 0:
+            raise cli.UserError("--ode 1 needs --momentum 0: the order-parameter ODEs describe plain SGD")
+        if args.ode and args.nonlinearity != "sigmoid":
+            raise cli.UserError("--ode 1 needs --nonlinearity sigmoid: the ODEs' averages are "
+                                "closed forms for the erf network")
         return
     if args.importance_rule not in IMPORTANCE_RULES:
         raise cli.UserError(f"--importance_rule must be one of {', '.join(IMPORTANCE_RULES)}, "
@@ -125,6 +134,11 @@ def output_path(args):
     return None
 
 
+def curve_path(args):
+    import workflow
+    return os.path.join(args.output_dir, workflow.curve_filename(args.student_h_size))
+
+
 def masks_path(args):
     import workflow
     return os.path.join(args.output_dir, workflow.masks_filename(
@@ -154,6 +168,8 @@ def preflight(args):
     extra = 8 * 6 * args.student_h_size * args.input_dim  # weights, buffers, copies
     if args.procedure == "training":
         outputs.append(output_path(args))
+        if args.ode:
+            outputs.append(curve_path(args))
     elif args.procedure == "pruning":
         check_readable(args.trained_weights, "weights file")
         inputs.append(("--trained_weights", args.trained_weights))
@@ -228,14 +244,24 @@ def load_student(args):
 def run_training(args, teacher):
     import torch
     import workflow
+    from order_param_odes import IntegrationError
     from progress import Bar
     from storage import save_state_dict
     out = output_path(args)
     start = time.time()
     with Bar(len(teacher) * args.epoch, "online SGD", unit="sample", unit_scale=True) as bar:
-        student = workflow.train(teacher, args.student_h_size, args.nonlinearity, args.mode,
-                                 args.lr, args.epoch, args.momentum, args.seed,
-                                 progress=bar.update_to)
+        if args.ode:
+            try:
+                student, curve = workflow.train_with_curve(
+                    teacher, args.student_h_size, args.nonlinearity, args.mode, args.lr,
+                    args.epoch, args.seed, progress=bar.update_to)
+            except IntegrationError as e:
+                raise cli.UserError(f"{e} with --lr {args.lr}; nothing was written, use a "
+                                    "smaller --lr or --ode 0") from None
+        else:
+            student = workflow.train(teacher, args.student_h_size, args.nonlinearity, args.mode,
+                                     args.lr, args.epoch, args.momentum, args.seed,
+                                     progress=bar.update_to)
     w = student.w1.weight
     if not (torch.isfinite(w).all() and torch.isfinite(student.w2.weight).all()):
         raise cli.UserError(f"training diverged (non-finite weights) with --lr {args.lr}; "
@@ -244,6 +270,20 @@ def run_training(args, teacher):
                  f"test loss: {workflow.test_loss(teacher, student):.6g}")
     save_state_dict(student.state_dict(), out)
     cli.log.info(f"student written to {out}")
+    if args.ode:
+        write_curve(curve, curve_path(args))
+
+
+def write_curve(curve, path):
+    """alpha, test_loss (first curve.test_rows test samples), ode_loss: one row per point."""
+    from storage import atomic_open
+    with atomic_open(path, "w") as f:
+        f.write("alpha,test_loss,ode_loss\n")
+        for row in zip(curve.alpha, curve.test_loss, curve.ode_loss):
+            f.write(",".join(repr(float(x)) for x in row) + "\n")
+    cli.log.info(f"at alpha = {curve.alpha[-1]:g}: test loss {curve.test_loss[-1]:.6g} "
+                 f"(first {curve.test_rows} test samples), ODE {curve.ode_loss[-1]:.6g}")
+    cli.log.info(f"training curve written to {path}")
 
 
 def dpp_edge_kernels(args, teacher, student):

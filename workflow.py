@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 import expectations
+import order_param_odes
 import training
 from dpp_sample_ts import (PRUNERS, MaskList, draw_masks, edge_kernel, normalise_rows,
                            pruned_students)
@@ -171,3 +172,81 @@ def expected_test_loss(teacher, student, choice, k, reweighting=False, hgram=Non
     noise = 0.5 * teacher.noise_std ** 2
     return dataclasses.replace(found, value=found.value + noise,
                                first_order=found.first_order + noise)
+
+
+def curve_filename(student_h_size):
+    return f"training_curve_{student_h_size}.csv"
+
+
+def segment_bounds(total, points):
+    """Step counts 0 = b_0 < b_1 < ... < b_S = total at which a training curve is recorded:
+    0, then about `points` geometrically spaced from total / 10^4 to total, so that the fast
+    start, the plateau and the specialisation are all resolved on a log axis: (S + 1,) int64."""
+    ends = np.geomspace(max(1.0, total / 1e4), total, int(points)).round()
+    return np.unique(np.concatenate([[0.0], ends]).astype(np.int64))
+
+
+@dataclass
+class TrainingCurve:
+    alpha: np.ndarray        # (S + 1,) steps / N at the start and after every segment
+    test_loss: np.ndarray    # (S + 1,) measured on the first `test_rows` test samples
+    q: np.ndarray            # (S + 1, K, K) the simulated student's order parameters
+    r: np.ndarray            # (S + 1, K, M)
+    v: np.ndarray            # (S + 1, K) its second layer
+    test_rows: int
+    ode: object = None       # order_param_odes.Trajectory at the same alphas, or None
+
+    @property
+    def ode_loss(self):
+        """The ODEs' eps_g + sigma^2 / 2 at every alpha (S + 1,)."""
+        return self.ode.test_loss
+
+
+def train_with_curve(teacher, student_h_size, nonlinearity="sigmoid", mode="normal", lr=0.5,
+                     epochs=1, seed=1, points=50, test_rows=10000, with_ode=True,
+                     progress=None):
+    """`train` (plain SGD, same seed, bit-identical weights) cut into about `points` segments
+    of consecutive training samples (`segment_bounds`); at the start and after each segment, the test loss on the first `test_rows`
+    test samples and the order parameters. With `with_ode`, the order-parameter ODEs started
+    from the student's initial Q, R, T, v and integrated to the same alphas = steps / N
+    (not when SGD diverged: then curve.ode is None).
+
+    Returns (trained student, TrainingCurve).
+    """
+    generator = torch.Generator().manual_seed(int(seed))
+    student = Student(teacher.input_dim, student_h_size, nonlinearity, mode, generator)
+    w1 = student.w1.weight.detach().double().numpy().copy()       # (K, N)
+    w2 = student.w2.weight.detach().double().numpy().ravel()      # (K,)
+    w_star = teacher.w1.numpy()                                   # (M, N)
+    test_x, test_y = teacher.test_inputs[:test_rows], teacher.test_labels[:test_rows]
+    p, n = len(teacher), teacher.input_dim
+    bounds = segment_bounds(p * int(epochs), points)
+    losses, qs, rs, vs = [], [], [], []
+
+    def record():
+        losses.append(training.test_loss(w1, w2, test_x, test_y, nonlinearity))
+        q, r, _ = order_parameters(w1, w_star)
+        qs.append(q), rs.append(r), vs.append(w2.copy())
+
+    record()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        while a < b:                             # a segment may cross an epoch's end
+            start, stop = a % p, min(b - a, p - a % p) + a % p
+            w1, w2 = training.online_sgd_arrays(
+                w1, w2, teacher.inputs[start:stop], teacher.labels[start:stop], lr,
+                nonlinearity=nonlinearity, train_w2=mode != "soft_committee",
+                progress=None if progress is None else (lambda done, at=a: progress(at + done)))
+            a += stop - start
+        record()
+    with torch.no_grad():
+        student.w1.weight.copy_(torch.from_numpy(w1))
+        student.w2.weight.copy_(torch.from_numpy(w2).reshape(student.w2.weight.shape))
+    alpha = bounds / n
+    curve = TrainingCurve(alpha, np.array(losses), np.stack(qs), np.stack(rs), np.stack(vs),
+                          len(test_y))
+    if with_ode and np.isfinite(w1).all() and np.isfinite(w2).all():   # else SGD diverged
+        q0, r0, t, v0 = curve.q[0], curve.r[0], order_parameters(w1, w_star)[2], curve.v[0]
+        curve.ode = order_param_odes.integrate(
+            q0, r0, t, v0, teacher.w2.numpy().ravel(), lr, alpha, teacher.noise_std,
+            train_v=mode != "soft_committee")
+    return student, curve

@@ -125,16 +125,18 @@ def test_help_shows_every_default(script):
 
 def test_light_names_agree_with_the_heavy_modules():
     import dpp_sample_ts
+    import first_layer_pruning
     import real_data
-    import real_data_lib
+    import real_data_sweep
     import sweep
-    from choices import PRUNING_CHOICES, SWEEP_PRESETS, k_range
+    from choices import IMPORTANCE_RULES, PRUNING_CHOICES, SWEEP_PRESETS, k_range
     assert {name: p.granularity for name, p in dpp_sample_ts.PRUNERS.items()} == PRUNING_CHOICES
+    assert IMPORTANCE_RULES == dpp_sample_ts.IMPORTANCE_RULES
     assert tuple(PRUNING_CHOICES) == sweep.ALL_METHODS
     assert set(SWEEP_PRESETS) == set(sweep.PRESETS)
-    assert set(PRUNING_CHOICES) == set(real_data_lib.METHODS)
+    assert set(PRUNING_CHOICES) == set(first_layer_pruning.METHODS)
     default = real_data.parse_args([]).fractions
-    assert tuple(float(f) for f in default.split(",")) == real_data_lib.FRACTIONS
+    assert tuple(float(f) for f in default.split(",")) == real_data_sweep.FRACTIONS
     for choice in PRUNING_CHOICES:
         assert k_range(choice, 50, 6) == dpp_sample_ts.k_range(choice, 50, 6)
 

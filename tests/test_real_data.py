@@ -1,4 +1,4 @@
-"""real_data.py / real_data_lib.py: offline, on the bundled digits set and on tiny MNIST and
+"""real_data.py and its modules: offline, on the bundled digits set and on tiny MNIST and
 CIFAR-10 files written here in torchvision's on-disk formats."""
 import hashlib
 import os
@@ -13,9 +13,14 @@ import threadpoolctl
 import torch
 from scipy.spatial.distance import cdist
 
-import real_data_lib as lib
-from dpp_sample_ts import draw_masks, gaussian_kernel, reweight_edges, reweight_nodes
-from models import MLP
+import cli
+import first_layer_pruning as pruning
+import image_datasets as datasets
+import mlp_training as mlp
+import real_data_sweep as experiments
+from dpp_sample_ts import draw_masks, gaussian_kernels, reweight_edges_batched, reweight_nodes
+from models import MLP, MLP_SIZES
+from reference import reference_reweight_edges
 
 # ----------------------------------------------------------------------------------------
 # Tiny datasets in torchvision's formats
@@ -90,7 +95,7 @@ def one_blas_thread():
 
 
 def result_rows(path):
-    return lib.read_results(str(path))
+    return experiments.read_results(str(path))
 
 
 # ----------------------------------------------------------------------------------------
@@ -121,8 +126,8 @@ def test_cifar10_cli_trains_and_sweeps(tmp_path, root):
     common = ["--dataset", "cifar10", "--data_root", str(tmp_path / "data"),
               "--output_dir", str(tmp_path), "--device", "cpu", "--threads", "1"]
     # without the patch torchvision's md5 check refuses the tiny files, with a clear message
-    with pytest.raises(lib.UserError, match="md5"):
-        lib.load_dataset("cifar10", str(tmp_path / "data"))
+    with pytest.raises(cli.UserError, match="md5"):
+        datasets.load_dataset("cifar10", str(tmp_path / "data"))
     patch = cifar_md5_patch(folder)
     out = run_cli(root, common + ["--procedure", "training", "--epochs", "1", "--batch_size", "8"],
                   prelude=patch,
@@ -132,7 +137,7 @@ def test_cifar10_cli_trains_and_sweeps(tmp_path, root):
     assert "epoch 1: train accuracy" in out.stdout and "sweep: 4 new rows" in out.stdout
     rows = result_rows(tmp_path / "real_data_results.csv")
     assert sorted((r["method"], r["k"], r["reweighting"]) for r in rows) == [
-        ("dpp_node", "10", "0"), ("dpp_node", "10", "1"),
+        ("dpp_node", "252", "0"), ("dpp_node", "252", "1"),
         ("random_edge", "31", "0"), ("random_edge", "31", "1")]
     assert all(0 <= float(r["test_error"]) <= 100 for r in rows)
 
@@ -147,13 +152,13 @@ def test_missing_dataset_is_one_line(tmp_path, root):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in out.stderr
     assert "--data_root" in lines[0] and "--download" in lines[0]
-    assert lib.dataset_folder("mnist", str(tmp_path / "nothing")) in lines[0]
+    assert datasets.dataset_folder("mnist", str(tmp_path / "nothing")) in lines[0]
     # the same message for CIFAR-10 (cli.run turns UserError into that one line, exit 2)
-    with pytest.raises(lib.UserError) as e:
-        lib.load_dataset("cifar10", str(tmp_path / "nothing"))
+    with pytest.raises(cli.UserError) as e:
+        datasets.load_dataset("cifar10", str(tmp_path / "nothing"))
     text = str(e.value)
     assert "\n" not in text and "--data_root" in text and "--download" in text
-    assert lib.dataset_folder("cifar10", str(tmp_path / "nothing")) in text
+    assert datasets.dataset_folder("cifar10", str(tmp_path / "nothing")) in text
 
 
 # ----------------------------------------------------------------------------------------
@@ -166,12 +171,12 @@ def digits_setup():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        data = lib.load_dataset("digits")
-        model = lib.build_model("digits", seed=0)
-        p = lib.PRESETS["digits"]
-        lib.train(model, data, batch_size=p["batch_size"], lr=p["lr"], momentum=p["momentum"],
+        data = datasets.load_dataset("digits")
+        model = mlp.build_model("digits", seed=0)
+        p = mlp.PRESETS["digits"]
+        mlp.train(model, data, batch_size=p["batch_size"], lr=p["lr"], momentum=p["momentum"],
                   epochs=p["epochs"], target_acc=p["target_acc"], seed=0)
-        yield lib.prepare("digits", model, data, beta=0.3, weights_id="test")
+        yield experiments.prepare("digits", model, data, beta=0.3, weights_id="test")
     finally:
         torch.set_num_threads(threads)
 
@@ -183,61 +188,105 @@ def test_digits_split_and_training(digits_setup):
     assert digits_setup.unpruned_error < 8.0
 
 
-@pytest.mark.parametrize("method", lib.METHODS)
+def preactivation_error(w_ref, w_new, gram):
+    """Mean over training samples of ||(W_ref - W_new) x||^2 = trace(E G E^T), E = W_ref - W_new:
+    how well a pruned first layer reproduces the trained pre-activations (bias unchanged)."""
+    e = np.asarray(w_ref, dtype=np.float64) - np.asarray(w_new, dtype=np.float64)
+    return float(np.einsum("id,de,ie->", e, gram, e))
+
+
+@pytest.mark.parametrize("method", pruning.METHODS)
 def test_every_method_on_digits(digits_setup, method):
     s = digits_setup
     h, d = s.drawer.hidden, s.drawer.inputs
     w0 = s.model.layers[0].weight.detach().double().numpy()
     for fraction in (0.2, 0.9):
-        k = lib.k_for_fraction(method, fraction, h, d)
+        k = pruning.k_for_fraction(method, fraction, h, d)
         masks = s.drawer.draw(method, [k], range(2), seed=3)
-        rows = lib.evaluate_cell(s, method, k, range(2), 3, (0, 1), masks)
+        rows = experiments.evaluate_cell(s, method, k, range(2), 3, (0, 1), masks, fraction)
         assert len(rows) == 4
+        assert all(row["fraction"] == fraction and row["k"] == k for row in rows)
         for r in range(2):
             keep = masks[k, r]
             assert keep.shape == (h, d)
-            if method == "random_edge":
-                assert abs(lib.kept_fraction(keep) - k / d) < 0.03
-            else:
-                assert lib.kept_fraction(keep) == pytest.approx(fraction, abs=0.5 / d)
-                assert lib.kept_fraction(keep) == lib.nominal_fraction(method, k, h, d)
-            if lib.granularity(method) == "node":
+            if pruning.granularity(method) == "node":
                 assert np.all(keep.all(axis=1) | ~keep.any(axis=1))    # whole rows
                 assert keep.any(axis=1).sum() == k
-            elif method != "random_edge":
-                assert np.all(keep.sum(axis=1) == k)
-            if lib.granularity(method) == "edge":
-                plain = lib.prune_first_layer(s.model, keep, method, False, s.stats)
-                fitted = lib.prune_first_layer(s.model, keep, method, True, s.stats)
+            else:
+                assert np.all(keep.sum(axis=1) == k)                   # random_edge too
+            if pruning.granularity(method) == "edge":
+                plain = pruning.prune_first_layer(s.model, keep, method, False, s.stats)
+                fitted = pruning.prune_first_layer(s.model, keep, method, True, s.stats)
                 w_plain = plain.layers[0].weight.detach().double().numpy()
                 w_fit = fitted.layers[0].weight.detach().double().numpy()
                 assert np.all(w_fit[~keep] == 0)
-                e_plain = lib.preactivation_error(w0, w_plain, s.stats.gram)
-                e_fit = lib.preactivation_error(w0, w_fit, s.stats.gram)
+                e_plain = preactivation_error(w0, w_plain, s.stats.gram)
+                e_fit = preactivation_error(w0, w_fit, s.stats.gram)
                 assert e_fit <= e_plain * (1 + 1e-5) + 1e-9
         if fraction == 0.9:
             for row in rows:
                 assert row["test_error"] <= s.unpruned_error + 3.0, row
 
 
+@pytest.mark.parametrize("dataset, inputs, hidden, edges, nodes", [
+    ("mnist", 784, 500, (79, 706), (225, 469)),
+    ("cifar10", 3072, 1000, (308, 2765), (320, 924)),
+])
+def test_budgets_of_the_original(dataset, inputs, hidden, edges, nodes):
+    """p = 10%..90% of the remaining parameters: e inputs per node (edge methods), n nodes."""
+    e = [pruning.k_for_fraction("dpp_edge", p, hidden, inputs) for p in experiments.FRACTIONS]
+    n = [pruning.k_for_fraction("dpp_node", p, hidden, inputs) for p in experiments.FRACTIONS]
+    assert (e[0], e[-1]) == edges and (n[0], n[-1]) == nodes
+    assert e == sorted(set(e)) and n == sorted(set(n))           # strictly increasing
+    for p, e_p, n_p in zip(experiments.FRACTIONS, e, n):
+        # n nodes (D inputs + H outgoing weights each) hold the parameters of H nodes with
+        # floor(p D) inputs each, to within one node
+        budget = hidden * (int(p * inputs + 1e-9) + hidden)
+        assert n_p * (inputs + hidden) <= budget < (n_p + 1) * (inputs + hidden)
+        assert e_p - 1 < p * inputs <= e_p
+        assert pruning.nominal_fraction("random_node", n_p, hidden, inputs) == n_p / hidden
+    assert MLP_SIZES[dataset][:2] == (inputs, hidden)
+
+
+def test_random_edge_keeps_a_uniform_subset_per_node():
+    rng = np.random.default_rng(0)
+    draws = np.stack([pruning.random_edge_masks(3, 10, 4, rng) for _ in range(3000)])
+    assert np.all(draws.sum(axis=2) == 4)                         # exactly k per node
+    freq = draws.mean(axis=0)                                     # (3, 10), 0.4 expected
+    assert np.abs(freq - 0.4).max() < 5 * np.sqrt(0.4 * 0.6 / 3000)
+    pairs = draws[:, 0, :, None] & draws[:, 0, None, :]           # P(a, b kept) = 4*3/(10*9)
+    off = pairs.mean(axis=0)[~np.eye(10, dtype=bool)]
+    assert np.abs(off - 12 / 90).max() < 5 * np.sqrt(12 / 90 * (1 - 12 / 90) / 3000)
+
+
+def test_importance_node_ranks_by_mean_absolute_outgoing_weight(digits_setup):
+    s = digits_setup
+    w_out = s.model.layers[1].weight.detach().double().numpy()      # (100, 100)
+    k = pruning.k_for_fraction("importance_node", 0.5, s.drawer.hidden, s.drawer.inputs)
+    keep = s.drawer.draw("importance_node", [k], [0], seed=0)[k, 0].any(axis=1)
+    score = np.abs(w_out).mean(axis=0)
+    assert keep.sum() == k and score[keep].min() >= score[~keep].max()
+
+
 def test_masks_equal_the_registry_draws(digits_setup):
     """The cached k-DPP samplers give the registry's masks for the same kernels and generator."""
     s = digits_setup
     w1 = s.drawer.w1
-    kernels = list(lib.edge_kernels(torch.from_numpy(w1), torch.from_numpy(s.stats.gram), 0.3).numpy())
-    for method, kern, k in (("dpp_edge", kernels, 20), ("dpp_node", lib.node_kernel(s.stats, 0.3), 30),
-                            ("random_edge", None, 20), ("importance_node", None, 30)):
+    kernels = list(gaussian_kernels(torch.from_numpy(s.stats.gram), 0.3, 0.01,
+                                    torch.from_numpy(w1)).numpy())
+    for method, kern, k in (("dpp_edge", kernels, 20), ("dpp_node", pruning.node_kernel(s.stats, 0.3), 30),
+                            ("random_node", None, 30), ("importance_edge", None, 20)):
         masks = s.drawer.draw(method, [k], [0, 2], seed=5)
         for r in (0, 2):
-            rng = lib.round_rngs(5, r + 1)[r]
-            ref = draw_masks(method, w1, s.drawer.out_norms, s.stats.gram, k, 1, rng, kernels=kern)
+            rng = pruning.round_rngs(5, r + 1)[r]
+            ref = draw_masks(method, w1, s.drawer.out_importance, s.stats.gram, k, 1, rng, kernels=kern)
             np.testing.assert_array_equal(masks[k, r], ref[0].T)
 
 
 def test_dpp_edge_through_torch_eigh(digits_setup):
     """The GPU path (kernels and eigendecompositions by torch, KDPP.from_eig), run on CPU."""
     s = digits_setup
-    drawer = lib.MaskDrawer(s.model, s.stats, 0.3, node_batch=7, cache_bytes=0)
+    drawer = pruning.MaskDrawer(s.model, s.stats, 0.3, node_batch=7, cache_bytes=0)
     drawer.eig_on_device = True
     masks = drawer.draw("dpp_edge", [5, 40], [0, 1], seed=2)
     assert set(masks) == {(5, 0), (5, 1), (40, 0), (40, 1)}
@@ -247,22 +296,27 @@ def test_dpp_edge_through_torch_eigh(digits_setup):
 
 
 def test_round_generators_do_not_depend_on_the_number_of_rounds():
-    a = [g.random(3) for g in lib.round_rngs(7, 5)]
-    b = [g.random(3) for g in lib.round_rngs(7, 2)]
+    a = [g.random(3) for g in pruning.round_rngs(7, 5)]
+    b = [g.random(3) for g in pruning.round_rngs(7, 2)]
     np.testing.assert_array_equal(a[:2], b)
     assert not np.array_equal(a[0], a[1])
 
 
-def test_batched_reweighting_matches_the_reference(digits_setup):
+def test_batched_reweighting_is_least_squares(digits_setup):
+    """Edge reweighting of all nodes at once equals per-node least squares on the training
+    inputs, with uneven kept counts, a node with no input left, one with all of them, and
+    digits' always-zero pixels (left out of the systems: the minimum-norm solution)."""
     s = digits_setup
     rng = np.random.default_rng(0)
-    w0 = s.drawer.w1
+    w0 = s.drawer.w1                                             # (100, 64)
     keep = rng.random(w0.shape) < 0.3                            # uneven counts per node
     keep[0] = False                                              # a node with no input left
     keep[1] = True                                               # a node with all of them
-    ours = lib.reweight_edges_batched(w0, keep, s.stats.gram, max_bytes=64 * 1024)
-    ref = reweight_edges(w0, keep.T, s.stats.gram)
-    np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-8)
+    x = s.data.x_train.double().numpy()
+    assert np.any(x.max(axis=0) == 0)                            # digits has blank pixels
+    ours = reweight_edges_batched(w0, keep, s.stats.gram, max_bytes=64 * 1024)
+    np.testing.assert_allclose(ours, reference_reweight_edges(w0, keep.T, x), rtol=1e-6,
+                               atol=1e-8)
     nodes = rng.random(w0.shape[0]) < 0.4
     w_out = s.model.layers[1].weight.detach().double().numpy()  # (100, 100)
     ours = reweight_nodes(w_out, nodes, s.stats.act_gram)
@@ -273,21 +327,21 @@ def test_batched_reweighting_matches_the_reference(digits_setup):
 
 def test_sweep_resumes_and_pruning_replaces(digits_setup, tmp_path):
     csv_path = str(tmp_path / "r.csv")
-    new = lib.sweep(digits_setup, methods=("random_node", "dpp_edge"), fractions=(0.5,),
+    new = experiments.sweep(digits_setup, methods=("random_node", "dpp_edge"), fractions=(0.5,),
                     rounds=2, seed=1, results_path=csv_path)
-    assert len(new) == 8 and len(lib.read_results(csv_path)) == 8
-    again = lib.sweep(digits_setup, methods=("random_node", "dpp_edge"), fractions=(0.5,),
+    assert len(new) == 8 and len(experiments.read_results(csv_path)) == 8
+    again = experiments.sweep(digits_setup, methods=("random_node", "dpp_edge"), fractions=(0.5,),
                       rounds=3, seed=1, results_path=csv_path)
     assert len(again) == 4                                       # only round 2 is new
-    rows = lib.read_results(csv_path)
+    rows = experiments.read_results(csv_path)
     assert len(rows) == 12
     # a rerun of the same cell replaces its rows and reproduces them
-    cell = lib.evaluate_cell(digits_setup, "dpp_edge", 32, range(3), 1, (0, 1))
-    lib.merge_results(csv_path, cell, replace=True)
-    after = lib.read_results(csv_path)
+    cell = experiments.evaluate_cell(digits_setup, "dpp_edge", 32, range(3), 1, (0, 1))
+    experiments.merge_results(csv_path, cell, replace=True)
+    after = experiments.read_results(csv_path)
     assert len(after) == 12
-    assert {lib.row_key(r): r["test_error"] for r in after} == \
-        {lib.row_key(r): r["test_error"] for r in rows}
+    assert {experiments.row_key(r): r["test_error"] for r in after} == \
+        {experiments.row_key(r): r["test_error"] for r in rows}
 
 
 # ----------------------------------------------------------------------------------------
@@ -299,21 +353,19 @@ def test_gaussian_kernels_match_pairwise_distances():
     model = MLP((12, 7, 5, 3))
     rng = np.random.default_rng(1)
     x = torch.from_numpy(rng.random((53, 12)).astype(np.float32))
-    stats = lib.first_layer_stats(model, x, chunk=10)                # several chunks
+    stats = pruning.first_layer_stats(model, x, chunk=10)                # several chunks
     X = x.double().numpy()
     W = model.layers[0].weight.detach().double().numpy()
     b = model.layers[0].bias.detach().double().numpy()
     beta, p = 0.7, len(X)
-    edge = lib.edge_kernels(torch.from_numpy(W), torch.from_numpy(stats.gram), beta).numpy()
+    edge = gaussian_kernels(torch.from_numpy(stats.gram), beta, 0.01, torch.from_numpy(W)).numpy()
     for i in range(W.shape[0]):
         a = X * W[i]                                                 # columns: weighted inputs
         direct = np.exp(-beta * cdist(a.T, a.T, "sqeuclidean") / p) + 0.01 * np.eye(12)
         np.testing.assert_allclose(edge[i], direct, rtol=1e-10, atol=1e-12)
-        np.testing.assert_allclose(gaussian_kernel(stats.gram * np.outer(W[i], W[i]), beta),
-                                   direct, rtol=1e-10, atol=1e-12)
     z = X @ W.T + b                                                  # pre-activations (P, H)
     direct = np.exp(-beta * cdist(z.T, z.T, "sqeuclidean") / p) + 0.01 * np.eye(7)
-    np.testing.assert_allclose(lib.node_kernel(stats, beta), direct, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(pruning.node_kernel(stats, beta), direct, rtol=1e-10, atol=1e-12)
     a = 1 / (1 + np.exp(-z))
     np.testing.assert_allclose(stats.act_gram, a.T @ a / p, rtol=1e-10)
     np.testing.assert_allclose(stats.gram, X.T @ X / p, rtol=1e-10)

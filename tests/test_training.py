@@ -1,7 +1,6 @@
 """The numba online SGD and the batched test loss against the autograd references."""
 import math
 
-import numba
 import numpy as np
 import pytest
 import torch
@@ -107,15 +106,14 @@ def test_deterministic_and_chunk_independent(small_data):
     assert np.array_equal(w1, np.random.default_rng(5).standard_normal((4, 50)))  # not mutated
 
 
-def test_lane_dot_intrinsics():
-    lane_dot = numba.njit(lambda w, x: training.lane_dot(w, x))
-    axpy_lane_dot = numba.njit(lambda w, a, x_old, x_new:
-                               training.axpy_lane_dot(w, a, x_old, x_new))
+def test_fixed_order_dot_products():
     rng = np.random.default_rng(7)
+    acc = np.empty(16)
     for n in (0, 1, 5, 16, 17, 50, 503):
         w, x_old, x_new = rng.standard_normal((3, n))
-        assert math.isclose(lane_dot(w, x_new), float(w @ x_new), rel_tol=1e-12, abs_tol=1e-12)
+        dot = training.fixed_order_dot(w, x_new, acc)
+        assert math.isclose(dot, float(w @ x_new), rel_tol=1e-12, abs_tol=1e-12)
         updated = w.copy()
-        result = axpy_lane_dot(updated, 0.3, x_old, x_new)
+        result = training.axpy_fixed_order_dot(updated, 0.3, x_old, x_new, acc)
         assert np.array_equal(updated, w - 0.3 * x_old)
-        assert result == lane_dot(updated, x_new)             # same summation order
+        assert result == training.fixed_order_dot(updated, x_new, acc)   # same summation order

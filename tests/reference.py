@@ -1,8 +1,15 @@
-"""Slow reference implementations of the original code's approach, for equivalence tests and benchmarks; not used by the scripts."""
+"""Slow reference implementations of the original code's approach: one Python iteration per
+sample, autograd one sample at a time, kernels from materialised P x N products, P x |S|
+least-squares fits, dppy draws. Correct and slow on purpose, sized by their callers: the
+equivalence tests here and benchmarks/run.py (which puts this folder on its path). Not used
+by the scripts."""
 import math
 
+import numpy as np
 import torch
 from torch import nn
+
+from models import Student
 
 
 def reference_online_sgd(student, inputs, labels, lr, epochs=1, momentum=0.0):
@@ -46,13 +53,6 @@ def reference_test_loss(student, inputs, labels):
             yhat = student(inputs[p:p + 1].to(dtype))
             total += 0.5 * float((yhat - labels[p:p + 1].to(dtype)) ** 2)
     return total / max(1, inputs.shape[0])
-
-
-# ---------------------------------------------------------------------------------------------
-# References of the rest of the original workflow: slow on purpose (one Python iteration per
-# sample, kernels from materialised P x N products, P x |S| least-squares fits, dppy draws),
-# correct, and sized by their callers (tests, benchmarks/run.py) so that they can run.
-import numpy as np  # noqa: E402  (appended section; the imports above are left as they were)
 
 
 def _erf_act(z):
@@ -220,8 +220,6 @@ def reference_reweight_nodes(w1, w2, keep, inputs, nonlinearity="sigmoid"):
 
 
 def _reference_student(w1, w2, nonlinearity, mode, dtype):
-    from models import Student
-
     w1, w2 = _float64(w1), _float64(w2).reshape(1, -1)
     student = Student(w1.shape[1], w1.shape[0], nonlinearity, mode).to(dtype)
     with torch.no_grad():

@@ -1,0 +1,197 @@
+"""The order-parameter ODEs: closed-form Gaussian averages, right-hand side against SGD steps,
+integration against simulation, and the training curve of `--ode 1`."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import order_param_odes as ode
+import teacher_student
+import workflow
+from data import generate_teacher
+from order_params import generalisation_error
+
+
+def erf_g(z):
+    return torch.erf(torch.as_tensor(z) / math.sqrt(2.0)).numpy()
+
+
+def erf_gp(z):
+    return math.sqrt(2.0 / math.pi) * np.exp(-0.5 * z ** 2)
+
+
+def random_covariance(rng, k, m, overlap=0.6):
+    """Q, R, T of a random student w (k, N) partly aligned with a teacher w* (m, N), N = 40."""
+    w_star = rng.standard_normal((m, 40))
+    w = overlap * w_star[rng.integers(0, m, k)] + rng.standard_normal((k, 40))
+    return ode.initial_conditions(w, rng.standard_normal(k), w_star)
+
+
+def test_gaussian_averages_match_monte_carlo():
+    rng = np.random.default_rng(0)
+    q, r, t, _ = random_covariance(rng, 2, 2)
+    c = ode.covariance(q, r, t)                                      # (4, 4)
+    two, three, jj = ode.gaussian_averages(c, 2)
+    four = ode.i4_tensor(c, 2)
+    f = rng.standard_normal((200_000, 4)) @ np.linalg.cholesky(c).T  # (S, L) fields
+    g, gp = erf_g(f), erf_gp(f[:, :2])                               # (S, L), (S, 2)
+    samples = {
+        "I2": (two, np.einsum("si,sc->sic", g[:, :2], g)),
+        "I3": (three, np.einsum("si,sb,sc->sibc", gp, f, g)),
+        "I4": (four, np.einsum("si,sl,sc,sd->silcd", gp, gp, g, g)),
+        "J2": (jj, np.einsum("si,sl->sil", gp, gp)),
+    }
+    for name, (closed, draws) in samples.items():
+        mean, se = draws.mean(0), draws.std(0) / math.sqrt(len(draws))
+        assert closed.shape == mean.shape, name
+        assert np.all(np.abs(closed - mean) < 5 * se + 1e-12), name
+    u = rng.standard_normal(4)
+    assert np.allclose(ode.delta_sq_average(c, u, 2), np.einsum("ilcd,c,d->il", four, u, u),
+                       rtol=1e-12, atol=1e-14)
+
+
+def sgd_step_changes(w, v, w_star, v_star, x, noise, lr):
+    """N times the change of Q (S, K, K), R (S, K, M), v (S, K) made by one SGD step from the
+    same weights w (K, N), v (K,) on each sample x (S, N) with output noise noise (S,)."""
+    n = w.shape[1]
+    lam, nu = x @ w.T / math.sqrt(n), x @ w_star.T / math.sqrt(n)   # (S, K), (S, M)
+    delta = erf_g(lam) @ v - (erf_g(nu) @ v_star + noise)            # (S,)
+    coef = (lr / math.sqrt(n)) * delta[:, None] * v * erf_gp(lam)     # (S, K)
+    w_new = w[None] - coef[:, :, None] * x[:, None, :]                 # (S, K, N)
+    v_new = v[None] - (lr / n) * delta[:, None] * erf_g(lam)
+    q0, r0 = w @ w.T / n, w @ w_star.T / n
+    q1 = np.einsum("skn,sln->skl", w_new, w_new) / n
+    r1 = w_new @ w_star.T / n
+    # the O(1/N) part: eta^2 v_i v_k <(|x|^2 / N - 1) Delta^2 g'_i g'_k>
+    gp = erf_gp(lam)
+    finite = (lr ** 2 * ((x ** 2).sum(1) / n - 1) * delta ** 2)[:, None, None] * np.einsum(
+        "i,k,si,sk->sik", v, v, gp, gp)
+    return n * (q1 - q0), n * (r1 - r0), n * (v_new - v), finite
+
+
+def test_right_hand_side_matches_averaged_sgd_steps():
+    rng = np.random.default_rng(1)
+    n, k, m, lr, sigma = 100, 3, 2, 0.5, 0.5
+    w_star = rng.standard_normal((m, n))
+    w = 0.5 * w_star[[0, 1, 0]] + rng.standard_normal((k, n))
+    v, v_star = rng.standard_normal(k), np.array([4.0, 4.0])
+    parts = []
+    for _ in range(8):
+        x = rng.standard_normal((25_000, n))
+        parts.append(sgd_step_changes(w, v, w_star, v_star, x, sigma * rng.standard_normal(25_000), lr))
+    dq_s, dr_s, dv_s, finite = (np.concatenate(p) for p in zip(*parts))
+    q, r, t, _ = ode.initial_conditions(w, v, w_star)
+    dq, dr, dv = ode.derivatives(q, r, t, v, v_star, lr, sigma)
+    se = lambda a: a.std(0) / math.sqrt(len(a))   # noqa: E731
+    assert np.all(np.abs(dr_s.mean(0) - dr) < 5 * se(dr_s))
+    assert np.all(np.abs(dv_s.mean(0) - dv) < 5 * se(dv_s))
+    o_n = np.abs(finite.mean(0)) + 5 * se(finite)                 # the O(1/N) allowance
+    assert np.all(np.abs(dq_s.mean(0) - dq) < 5 * se(dq_s) + o_n)
+    assert (o_n < 0.1 * np.abs(dq)).all()                         # and it is small
+    for exact, draws in ((dq, dq_s), (dr, dr_s), (dv, dv_s)):    # the comparison is sharp
+        assert np.abs(exact).max() > 20 * se(draws).max()
+    # frozen second layer: same Q, R, no v
+    dq_f, dr_f, dv_f = ode.derivatives(q, r, t, v, v_star, lr, sigma, train_v=False)
+    assert np.array_equal(dq_f, dq) and np.array_equal(dr_f, dr) and not dv_f.any()
+
+
+@pytest.fixture(scope="module")
+def small_teacher():
+    """N = 200, M = 2, v* = 1, sigma = 0.1: alpha up to 20 (P = 4000)."""
+    return generate_teacher(200, 2, 4000, mode="normal", sig_w=0.1, v_star=1, seed=1)
+
+
+def test_ode_agrees_with_simulation_at_n_200(small_teacher):
+    """eps_g of the simulated student's own Q, R, v (no test-set noise) against the ODE started
+    from that student's initial order parameters, over 6 seeds: the mean relative gap is within
+    4 standard errors of the seed-to-seed spread plus an O(1/N) allowance."""
+    n, gaps = small_teacher.input_dim, []
+    for seed in range(1, 7):
+        _, curve = workflow.train_with_curve(small_teacher, 3, lr=0.5, seed=seed, points=10,
+                                             test_rows=10)
+        eps_sim = generalisation_error(curve.q, curve.r, curve.ode.t, curve.v,
+                                       small_teacher.w2.numpy().ravel())
+        gaps.append(eps_sim / curve.ode.eps_g - 1)
+        assert curve.ode.eps_g[-1] < 0.1 * curve.ode.eps_g[0]      # it learnt
+    gaps = np.array(gaps)                                            # (seeds, points)
+    se = gaps.std(0, ddof=1) / math.sqrt(len(gaps))
+    assert np.all(np.abs(gaps.mean(0)) < 4 * se + 1.0 / n)
+    assert np.abs(gaps).max() < 0.5                                  # no seed strays far
+
+
+def test_integration_converged():
+    """Tightening the embedded pair's tolerances tenfold moves the curve by < 1e-5 relative."""
+    rng = np.random.default_rng(2)
+    q, r, t, v = random_covariance(rng, 3, 2, overlap=0.1)
+    alphas = np.linspace(0, 100, 21)
+    loose = ode.integrate(q, r, t, v, [4.0, 4.0], 0.5, alphas).test_loss
+    tight = ode.integrate(q, r, t, v, [4.0, 4.0], 0.5, alphas, rtol=1e-9, atol=1e-11).test_loss
+    assert np.abs(loose / tight - 1).max() < 1e-5
+    assert loose[-1] < 0.1 * loose[0]
+
+
+@pytest.mark.parametrize("mode,epochs", [("normal", 2), ("soft_committee", 1)])
+def test_segmented_training_is_bit_identical(small_teacher, mode, epochs):
+    """Training in ~7 segments (crossing the epoch boundary) gives the weights of one call."""
+    plain = workflow.train(small_teacher, 4, mode=mode, lr=0.5, epochs=epochs, seed=3)
+    cut, curve = workflow.train_with_curve(small_teacher, 4, mode=mode, lr=0.5, epochs=epochs,
+                                           seed=3, points=7, test_rows=50, with_ode=False)
+    assert torch.equal(plain.w1.weight, cut.w1.weight)
+    assert torch.equal(plain.w2.weight, cut.w2.weight)
+    assert curve.alpha[-1] == epochs * len(small_teacher) / small_teacher.input_dim
+    assert len(curve.alpha) == 8 and curve.ode is None
+
+
+def test_cli_writes_the_training_curve(small_teacher, tmp_path):
+    from entry_points import call
+    from storage import save_pickle
+    save_pickle(small_teacher, tmp_path / "teacher.pkl")
+    common = ["--input_dim", 200, "--student_h_size", 3, "--teacher_path",
+              tmp_path / "teacher.pkl", "--output_dir", tmp_path]
+    code, out, err = call("teacher_student.py", common + ["--ode", 1, "--momentum", 0.5])
+    assert code != 0 and "--ode 1 needs --momentum 0" in err and "Traceback" not in err
+    assert not (tmp_path / "training_curve_3.csv").exists()
+    code, out, err = call("teacher_student.py", common + ["--ode", 1])
+    assert code == 0, err
+    table = np.genfromtxt(tmp_path / "training_curve_3.csv", delimiter=",", names=True)
+    assert table.dtype.names == ("alpha", "test_loss", "ode_loss")
+    assert 40 <= len(table) <= 51 and table["alpha"][0] == 0 and table["alpha"][-1] == 20
+    assert (np.diff(table["alpha"]) > 0).all()
+    assert np.isfinite(table["ode_loss"]).all() and table["test_loss"][-1] < table["test_loss"][0]
+    assert f"ODE {table['ode_loss'][-1]:.6g}" in out + err
+    with_ode = (tmp_path / "student_3.pth").read_bytes()
+    code, _, err = call("teacher_student.py", common)
+    assert code == 0, err
+    assert (tmp_path / "student_3.pth").read_bytes() == with_ode
+
+
+def test_notebook_runs_at_smoke_scale(root, tmp_path, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+    monkeypatch.setenv("ODE_SCALE", "smoke")
+    monkeypatch.setenv("ODE_OUT", str(tmp_path))
+    nb = nbformat.read(root / "notebooks" / "5_ode_theory.ipynb", as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(root / "notebooks")}}).execute()
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "scale smoke: N = 40" in text and "largest gap" in text
+    assert text.count("measured (20 masks)") == 2
+    assert (tmp_path / "ode_test_loss.png").stat().st_size > 0
+    assert (tmp_path / "ode_order_parameters.png").stat().st_size > 0
+
+
+def test_cli_reports_a_failed_integration(small_teacher, tmp_path, monkeypatch):
+    from entry_points import call
+    from storage import save_pickle
+
+    def fail(*args, **kwargs):
+        raise ode.IntegrationError("the ODE integration failed: step size too small")
+    monkeypatch.setattr(ode, "integrate", fail)
+    save_pickle(small_teacher, tmp_path / "teacher.pkl")
+    code, _, err = call("teacher_student.py", ["--input_dim", 200, "--student_h_size", 3,
+                                               "--teacher_path", tmp_path / "teacher.pkl",
+                                               "--output_dir", tmp_path, "--ode", 1])
+    assert code != 0 and "use a smaller --lr or --ode 0" in err and "Traceback" not in err
+    assert not (tmp_path / "training_curve_3.csv").exists()
+    assert not (tmp_path / "student_3.pth").exists()
