@@ -314,3 +314,97 @@ def figure_random_edge_closed_form(run):
         ax.grid(True, alpha=0.3)
     _legend_below(fig, axes)
     return fig
+
+
+# ----------------------------------------------------------------------------------------
+# The claims across students (claims.csv, expectations.csv, specialisation.csv)
+
+VERDICT_MARK = {"holds": "holds", "fails": "FAILS"}
+
+
+def claim_tables(run):
+    """claims, expectations and specialisation of a run as DataFrames (rescaled rows)."""
+    read = lambda name: pd.read_csv(os.path.join(run.out, name))  # noqa: E731
+    claims, expected, special = (read(n) for n in ("claims.csv", "expectations.csv",
+                                                   "specialisation.csv"))
+    return (claims[claims.rescale == 1], expected[expected.rescale == 1],
+            special[special.rescale == 1])
+
+
+def verdict_grid(claims, student_h_size, teacher_h_size=None):
+    """One row per claim, one column per (σ, nodes): the verdict and the relative difference
+    of the means, e.g. 'holds -12%'."""
+    part = claims[claims.student_h_size == student_h_size]
+    if teacher_h_size is not None:
+        part = part[part.teacher_h_size == teacher_h_size]
+    cell = part.apply(lambda r: f"{VERDICT_MARK.get(r.verdict, '?')} {100 * r.relative:+.0f}%",
+                      axis=1)
+    grid = part.assign(cell=cell).pivot_table(index="claim", columns=["noise", "nodes_equivalent"],
+                                              values="cell", aggfunc="first", sort=False)
+    grid.columns = [f"σ={n:g}, {k} nodes" for n, k in grid.columns]
+    return grid
+
+
+def plot_paired_differences(run, axes, a, b, student_h_size=6, rw=0):
+    """Per noise level (one axis each): loss(a) - loss(b) of every student (dots) at every
+    node budget, their mean and 95% t-interval across students (bars)."""
+    _, expected, _ = claim_tables(run)
+    part = expected[(expected.student_h_size == student_h_size) & (expected.reweighting == rw)]
+    for ax, noise in zip(axes, sorted(part.noise.unique())):
+        p = part[part.noise == noise]
+        pa = p[p.method == a].set_index(["student", "nodes_equivalent"]).expected
+        pb = p[p.method == b].set_index(["student", "nodes_equivalent"]).expected
+        d = (pa - pb).dropna().reset_index()
+        for s, ds in d.groupby("student"):
+            ax.plot(ds.nodes_equivalent + 0.06 * (s - d.student.max() / 2), ds.expected, "o",
+                    color="0.6", ms=4, label="one student" if s == 0 else None)
+        stats = [(n, *_interval(g.expected)) for n, g in d.groupby("nodes_equivalent")]
+        xs, means, halves = zip(*stats)
+        ax.errorbar(xs, means, yerr=halves, color="C0", marker="s", capsize=4, lw=2,
+                    label="mean, 95% CI")
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_title(f"σ = {noise:g}, K = {student_h_size}")
+        ax.set_xlabel("hidden nodes kept (or the same parameters in edges)")
+        ax.set_ylabel(f"{a} − {b}{' (reweighted)' if rw else ''}")
+    axes[0].legend(loc="best", fontsize=8)
+
+
+def plot_advantage_vs_specialisation(run, ax, noise, nodes, student_h_size=6):
+    """random_node − dpp_node expected loss of each student against how unevenly its nodes
+    split between the teacher nodes (max − min group size)."""
+    _, expected, special = claim_tables(run)
+    e = expected[(expected.noise == noise) & (expected.student_h_size == student_h_size)
+                 & (expected.reweighting == 0) & (expected.nodes_equivalent == nodes)]
+    gain = (e[e.method == "random_node"].set_index("student").expected
+            - e[e.method == "dpp_node"].set_index("student").expected)
+    s = special[(special.noise == noise) & (special.student_h_size == student_h_size)]
+    split = s.groupby("student").student_nodes.agg(lambda c: c.max() - c.min())
+    groups = s.groupby("student").student_nodes.agg(lambda c: "+".join(map(str, sorted(c, reverse=True))))
+    ax.scatter(split.loc[gain.index], gain, color="C0")
+    for st in gain.index:
+        ax.annotate(f"student {st}: {groups[st]}", (split[st], gain[st]), fontsize=8,
+                    xytext=(4, 4), textcoords="offset points")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xlabel("uneven split: largest − smallest group of student nodes per teacher node")
+    ax.set_ylabel(f"random_node − dpp_node at {nodes} node(s)")
+    ax.set_title(f"DPP advantage against specialisation (σ = {noise:g}, K = {student_h_size})")
+
+
+def expectation_agreement(run):
+    """Per cell and reweighting: the expected loss beside the mean over all sampled masks of
+    the loss theory gives for each mask, its standard error (std over masks / sqrt(masks)),
+    the z-score of the gap, and for edge methods the first-order value's gap as well."""
+    _, expected, _ = claim_tables(run)
+    df = selected_rows(run.df)
+    keys = ["student", "noise", "student_h_size", "method", "k", "reweighting"]
+    cells = df.groupby(keys, as_index=False).agg(sampled=("predicted_loss", "mean"),
+                                                 measured=("test_loss", "mean"),
+                                                 rounds=("round", "nunique"))
+    out = cells.merge(expected[keys + ["expected", "expected_first_order", "expected_sd"]],
+                      on=keys).dropna(subset=["expected"])
+    masks = out.rounds * run.record["num_masks"]
+    out["se"] = out.expected_sd / np.sqrt(masks)
+    out["gap"] = (out.sampled - out.expected) / out.expected
+    out["z"] = np.where(out.se > 0, (out.sampled - out.expected) / out.se.where(out.se > 0), 0.0)
+    out["first_order_gap"] = (out.sampled - out.expected_first_order) / out.expected
+    return out

@@ -2,7 +2,7 @@
 
 A preset fixes the sizes (NOTES.md, "The paper's experiment grid"). A run has S independent
 students: student s has its own teachers, data sets and trained networks, all seeded from
---seed and s (recorded in `student_<s>/seeds.json`). Three kinds of work unit:
+--seed and s (recorded in `student_<s>/sigma_<σ>/seeds.json`). Three kinds of work unit:
 - a *dataset* (student, noise level, teacher size): generate the teacher and its data, and
   train every panel's student on them (the README's own files, `teacher.pkl` and
   `student_<K>.pth` in `student_<s>/sigma_<σ>/`, so any of them can be fed to the scripts);
@@ -328,15 +328,11 @@ def prepare_dataset(preset, out, dataset, seed):
     if teacher is None and not os.path.exists(path):
         teacher = generate_teacher(**wanted)
         save_pickle(teacher, path)
-    record = os.path.join(student_dir(out, dataset.student), "seeds.json")
-    found = {}
-    if os.path.exists(record):
-        with open(record) as f:
-            found = json.load(f)
-    if found.get(dataset.folder) != seeds:
-        found[dataset.folder] = seeds
+    # one record per data set, so that workers preparing data sets at once never share one
+    record = os.path.join(os.path.dirname(path), "seeds.json")
+    if not os.path.exists(record):
         with atomic_open(record, "w") as f:
-            json.dump(found, f, indent=1, sort_keys=True)
+            json.dump(seeds, f, indent=1, sort_keys=True)
     return lines
 
 

@@ -83,9 +83,10 @@ def three_students(tmp_path_factory):
 
 def test_students_are_independent_and_seeded_from_the_run_seed(three_students):
     out, _ = three_students
-    seeds = [json.loads((out / f"student_{s}" / "seeds.json").read_text()) for s in range(3)]
-    teachers = [s["sigma_0"]["teacher"] for s in seeds]
-    inits = [s["sigma_0"]["student_6"] for s in seeds]
+    seeds = [json.loads((out / f"student_{s}" / "sigma_0" / "seeds.json").read_text())
+             for s in range(3)]
+    teachers = [s["teacher"] for s in seeds]
+    inits = [s["student_6"] for s in seeds]
     assert len(set(teachers)) == 3 and len(set(inits)) == 3
     # student 0 keeps the seeds of a single-student run
     assert teachers[0] == sweep.teacher_seed(1, sweep.Dataset(0, 0.0))
@@ -207,3 +208,16 @@ def test_keep_data_0_removes_teachers_and_changes_no_result(three_students, tmp_
     for a, b in zip(full, lean):
         for key in ("test_loss", "predicted_loss", "expected", "expected_first_order"):
             assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-6, nan_ok=True)
+
+
+def test_claims_notebook_runs_on_several_students(three_students, root, monkeypatch):
+    out, _ = three_students
+    monkeypatch.setenv("REPRO_OUT", str(out))
+    nb = nbformat.read(root / "notebooks" / "6_claims.ipynb", as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(root / "notebooks")}}).execute()
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert "3 independently trained student(s)" in "".join(o.get("text", "") for o in code[0].outputs)
+    assert "holds" in str(code[1].outputs) or "FAILS" in str(code[1].outputs)
+    images = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]
+    assert len(images) >= 6
