@@ -87,9 +87,12 @@ def load_run(out=None, preset=None):
     return Run(out, note)
 
 
-def selected_rows(df):
-    """The rows the figures show: students rescaled before pruning (rescale = 1)."""
-    return df[df.rescale == 1]
+def selected_rows(run):
+    """The rows of results.csv the figures show: students rescaled before pruning
+    (rescale = 1), with the preset's teacher (a run may add a K = 20 panel with another
+    teacher size, which notebook 6 shows)."""
+    df = run.df
+    return df[(df.rescale == 1) & (df.teacher_h_size == run.preset.teacher_h_size)]
 
 
 def students(df):
@@ -125,7 +128,7 @@ def _summary(df):
 
 def error_bar_caption(run):
     """One sentence on what the points and error bars of figures 1 and 2 are."""
-    df = selected_rows(run.df)
+    df = selected_rows(run)
     s = students(df)
     if s > 1:
         what = (f"mean over {s} independently trained students of each student's mean over "
@@ -148,7 +151,7 @@ def x_positions_caption(run):
 def plot_loss_vs_budget(run, ax, noise, student_h_size, reweighting=0, methods=None,
                         x="fraction_kept"):
     """Average test loss against parameters kept (%), 95% intervals (see the docstring)."""
-    df = selected_rows(run.df)
+    df = selected_rows(run)
     df = df[(df.noise == noise) & (df.student_h_size == student_h_size)
             & (df.reweighting == reweighting)]
     summary = _summary(df)
@@ -254,7 +257,7 @@ def figure_heatmaps(run, method, noise=0.0, reweighting=0):
 def figure_theory_vs_simulation(run):
     """Figure 4a: predicted against measured test loss, every cell and round."""
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    df = selected_rows(run.df)
+    df = selected_rows(run)
     for method, part in df.groupby("method"):
         color, marker = STYLE[method]
         ax.scatter(part.predicted_loss, part.test_loss, s=12, color=color, marker=marker,
@@ -294,7 +297,7 @@ def figure_random_edge_closed_form(run):
               if "random_edge" in p.methods]
     fig, axes = _grid(len(panels))
     fractions = np.linspace(0.01, 1.0, 100)
-    rows = selected_rows(run.df)
+    rows = selected_rows(run)
     for ax, (noise, student_h_size) in zip(axes, panels):
         df = rows[(rows.noise == noise) & (rows.student_h_size == student_h_size)
                   & (rows.method == "random_edge") & (rows.reweighting == 0)
@@ -395,8 +398,8 @@ def expectation_agreement(run):
     the loss theory gives for each mask, its standard error (std over masks / sqrt(masks)),
     the z-score of the gap, and for edge methods the first-order value's gap as well."""
     _, expected, _ = claim_tables(run)
-    df = selected_rows(run.df)
-    keys = ["student", "noise", "student_h_size", "method", "k", "reweighting"]
+    df = run.df[run.df.rescale == 1]
+    keys = ["student", "noise", "teacher_h_size", "student_h_size", "method", "k", "reweighting"]
     cells = df.groupby(keys, as_index=False).agg(sampled=("predicted_loss", "mean"),
                                                  measured=("test_loss", "mean"),
                                                  rounds=("round", "nunique"))

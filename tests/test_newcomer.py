@@ -227,16 +227,19 @@ def test_heatmaps_name_their_axes(tmp_path):
 
 
 def results(students, rounds, loss):
-    """A results table of one cell: loss(student, round) for every student and round."""
+    """A run whose results table holds one cell: loss(student, round) for every student and
+    round, beside rows of the other rescaling and another teacher size that must never be
+    shown."""
+    import types
     import pandas as pd
     rows = [dict(noise=0.0, student_h_size=6, method="dpp_node", reweighting=0, k=3,
                  nodes_equivalent=3, fraction_kept=0.5, round=r, test_loss=loss(s, r),
                  predicted_loss=loss(s, r), unpruned_test_loss=0.1 * (s + 1), student=s,
-                 rescale=rescale)
-            for s in range(students) for r in range(rounds) for rescale in (0, 1)]
+                 rescale=rescale, teacher_h_size=m)
+            for s in range(students) for r in range(rounds) for rescale in (0, 1) for m in (2, 4)]
     df = pd.DataFrame(rows)
-    df.loc[df.rescale == 0, "test_loss"] = 1e6     # must never be shown
-    return df
+    df.loc[(df.rescale == 0) | (df.teacher_h_size == 4), "test_loss"] = 1e6
+    return types.SimpleNamespace(df=df, preset=types.SimpleNamespace(teacher_h_size=2))
 
 
 def test_points_are_means_over_students_with_t_intervals_across_them():
