@@ -373,24 +373,31 @@ def plot_paired_differences(run, axes, a, b, student_h_size=6, rw=0):
 
 
 def plot_advantage_vs_specialisation(run, ax, noise, nodes, student_h_size=6):
-    """random_node − dpp_node expected loss of each student against how unevenly its nodes
-    split between the teacher nodes (max − min group size)."""
+    """random_node − dpp_node expected loss of each student against how fully its groups
+    have learnt their teacher nodes (the effective outgoing weight per teacher node, v* when
+    complete), one marker per way the student's nodes split between the teacher nodes."""
     _, expected, special = claim_tables(run)
     e = expected[(expected.noise == noise) & (expected.student_h_size == student_h_size)
-                 & (expected.reweighting == 0) & (expected.nodes_equivalent == nodes)]
+                 & (expected.reweighting == 0) & (expected.nodes_equivalent == nodes)
+                 & (expected.teacher_h_size == run.preset.teacher_h_size)]
     gain = (e[e.method == "random_node"].set_index("student").expected
             - e[e.method == "dpp_node"].set_index("student").expected)
-    s = special[(special.noise == noise) & (special.student_h_size == student_h_size)]
-    split = s.groupby("student").student_nodes.agg(lambda c: c.max() - c.min())
-    groups = s.groupby("student").student_nodes.agg(lambda c: "+".join(map(str, sorted(c, reverse=True))))
-    ax.scatter(split.loc[gain.index], gain, color="C0")
-    for st in gain.index:
-        ax.annotate(f"student {st}: {groups[st]}", (split[st], gain[st]), fontsize=8,
-                    xytext=(4, 4), textcoords="offset points")
+    s = special[(special.noise == noise) & (special.student_h_size == student_h_size)
+                & (special.teacher_h_size == run.preset.teacher_h_size)]
+    effective = s.groupby("student").effective_v.mean()
+    split = s.groupby("student").student_nodes.agg(
+        lambda c: " + ".join(map(str, sorted(c, reverse=True))))
+    for i, (how, students_) in enumerate(split.groupby(split).groups.items()):
+        st = [x for x in students_ if x in gain.index]
+        ax.scatter(effective[st], gain[st], marker="osD^v"[i % 5], label=f"split {how}")
+        for x in st:
+            ax.annotate(str(x), (effective[x], gain[x]), fontsize=8, xytext=(4, 2),
+                        textcoords="offset points")
     ax.axhline(0, color="k", lw=0.8)
-    ax.set_xlabel("uneven split: largest − smallest group of student nodes per teacher node")
+    ax.set_xlabel("effective outgoing weight per teacher node (v* when learnt)")
     ax.set_ylabel(f"random_node − dpp_node at {nodes} node(s)")
-    ax.set_title(f"DPP advantage against specialisation (σ = {noise:g}, K = {student_h_size})")
+    ax.set_title(f"σ = {noise:g}, K = {student_h_size}: numbers are students")
+    ax.legend(loc="best", fontsize=8)
 
 
 def expectation_agreement(run):

@@ -298,6 +298,7 @@ def dataset_ready(preset, out, dataset):
 def prepare_dataset(preset, out, dataset, seed):
     """Make (or reuse) the teacher of a dataset and the trained student of each of its
     panels; record their seeds. Returns log lines."""
+    _CACHE.clear()           # a worker holds one teacher at a time, also while making one
     lines = []
     path = teacher_path(out, dataset)
     wanted = dict(input_dim=preset.input_dim, teacher_h_size=teacher_size(preset, dataset),
