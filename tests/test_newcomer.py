@@ -227,10 +227,8 @@ def test_heatmaps_name_their_axes(tmp_path):
 
 
 def results(students, rounds, loss):
-    """A run whose results table holds one cell: loss(student, round) for every student and
-    round, beside rows of the other rescaling and another teacher size that must never be
-    shown."""
-    import types
+    """A results table of one cell: loss(student, round) for every student and round, beside
+    rows of the other rescaling and another teacher size that must never be shown."""
     import pandas as pd
     rows = [dict(noise=0.0, student_h_size=6, method="dpp_node", reweighting=0, k=3,
                  nodes_equivalent=3, fraction_kept=0.5, round=r, test_loss=loss(s, r),
@@ -239,13 +237,19 @@ def results(students, rounds, loss):
             for s in range(students) for r in range(rounds) for rescale in (0, 1) for m in (2, 4)]
     df = pd.DataFrame(rows)
     df.loc[(df.rescale == 0) | (df.teacher_h_size == 4), "test_loss"] = 1e6
+    return df
+
+
+def run_of(df):
+    """The parts of a figures.Run that figures.selected_rows reads."""
+    import types
     return types.SimpleNamespace(df=df, preset=types.SimpleNamespace(teacher_h_size=2))
 
 
 def test_points_are_means_over_students_with_t_intervals_across_them():
     import scipy.stats
     import figures
-    df = figures.selected_rows(results(4, 3, lambda s, r: 1.0 + s + 0.1 * r))
+    df = figures.selected_rows(run_of(results(4, 3, lambda s, r: 1.0 + s + 0.1 * r)))
     row = figures._summary(df).iloc[0]
     per_student = np.array([1.1, 2.1, 3.1, 4.1])            # each student's mean over rounds
     assert row["mean"] == pytest.approx(per_student.mean())
@@ -257,7 +261,7 @@ def test_points_are_means_over_students_with_t_intervals_across_them():
 def test_with_one_student_the_intervals_are_across_rounds():
     import scipy.stats
     import figures
-    df = figures.selected_rows(results(1, 5, lambda s, r: 2.0 + r))
+    df = figures.selected_rows(run_of(results(1, 5, lambda s, r: 2.0 + r)))
     row = figures._summary(df).iloc[0]
     assert row["mean"] == pytest.approx(4.0)
     assert row["ci"] == pytest.approx(scipy.stats.t.ppf(0.975, 4) * np.sqrt(2.5 / 5))
