@@ -304,31 +304,26 @@ def prepare_dataset(preset, out, dataset, seed):
     wanted = dict(input_dim=preset.input_dim, teacher_h_size=teacher_size(preset, dataset),
                   num_data=preset.num_data, mode=preset.mode, sig_w=float(dataset.noise),
                   v_star=preset.v_star, seed=teacher_seed(seed, dataset))
-    teacher = None
     if os.path.exists(path):
         teacher = load_pickle(path, "teacher file")
         if teacher.settings != wanted:
             raise RunFolderError(f"{path} was made with {teacher.settings}, not this preset's "
-                             f"{wanted}; use another --out")
+                                 f"{wanted}; use another --out")
+    else:
+        lines.append(f"generating {path}")
+        teacher = generate_teacher(**wanted)
+        save_pickle(teacher, path)
     seeds = {"teacher": wanted["seed"]}
     for panel in panels_of(preset, dataset):
         seeds[f"student_{panel.student_h_size}"] = init_seed(seed, dataset, panel.student_h_size)
-    for panel in panels_of(preset, dataset):
         spath = student_path(out, dataset, panel.student_h_size)
         if os.path.exists(spath):
             continue
-        if teacher is None:
-            lines.append(f"generating {path}")
-            teacher = generate_teacher(**wanted)
-            save_pickle(teacher, path)
         lines.append(f"training {spath}")
         student = workflow.train(teacher, panel.student_h_size, preset.nonlinearity, preset.mode,
                                  preset.lr, preset.epochs, 0.0,
                                  seeds[f"student_{panel.student_h_size}"])
         save_state_dict(student.state_dict(), spath)
-    if teacher is None and not os.path.exists(path):
-        teacher = generate_teacher(**wanted)
-        save_pickle(teacher, path)
     # one record per data set, so that workers preparing data sets at once never share one
     record = os.path.join(os.path.dirname(path), "seeds.json")
     if not os.path.exists(record):
