@@ -31,7 +31,7 @@ import numpy as np
 from dpp_sample_ts import (KDPP, edge_kernel, importance_node_keep, node_kernel,
                            solve_psd)
 from mask_marginals import BernoulliMarginals, FixedMarginals, KDPPMarginals
-from order_params import gaussian_moment, generalisation_error
+from order_params import gaussian_moment, generalisation_error, random_edge_expected
 
 NODE_METHODS = ("dpp_node", "random_node", "importance_node")
 EDGE_METHODS = ("dpp_edge", "random_edge", "importance_edge")
@@ -268,14 +268,11 @@ def edge_expectation(method, k, w1, w2, w_star, v_star, gram=None, kernels=None,
 
 def expected_random_edge_loss(q, r, t, v, v_star, fraction, nonlinearity="sigmoid"):
     """ε_g at the expected order parameters of random_edge keeping each weight with
-    probability f: E[Q'_ii] = f Q_ii, E[Q'_ij] = f² Q_ij, E[R'] = f R. Needs only Q and R;
-    its gap to E[ε_g] is O(1/N) (edge_expectation adds the correction from the weights)."""
-    q = np.asarray(q, dtype=np.float64)
-    f = float(fraction)
-    pruned = f * f * q
-    np.fill_diagonal(pruned, f * np.diag(q))
-    return float(generalisation_error(pruned, f * np.asarray(r, dtype=np.float64), t, v,
-                                      v_star, nonlinearity))
+    probability f (order_params.random_edge_expected: E[Q'_ii] = f Q_ii, E[Q'_ij] = f² Q_ij,
+    E[R'] = f R). Needs only Q and R, specialised or not; its gap to E[ε_g] is O(1/N)
+    (edge_expectation adds the correction from the weights)."""
+    pruned_q, pruned_r = random_edge_expected(q, r, fraction)
+    return float(generalisation_error(pruned_q, pruned_r, t, v, v_star, nonlinearity))
 
 
 # ----------------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ import scipy.stats
 
 import reproduce
 import sweep
-from order_params import NotSpecialised, block_order, generalisation_error, random_edge_expected
+from expectations import expected_random_edge_loss
+from order_params import NotSpecialised, block_order
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 STYLE = {"dpp_node": ("C0", "o"), "dpp_edge": ("C1", "s"), "random_node": ("C2", "^"),
@@ -277,16 +278,13 @@ def figure_theory_vs_simulation(run):
 
 def random_edge_curve(run, noise, student_h_size, fractions):
     """Closed-form loss of random_edge pruning against the fraction f of edges kept, from
-    the unpruned student's order parameters; None if the student has not specialised."""
+    the unpruned student's order parameters (expectations.expected_random_edge_loss; it
+    holds for any student, specialised or not)."""
     cell = next(c for c in sweep.grid(run.preset) if c.noise == noise
                 and c.student_h_size == student_h_size)   # any cell stores the unpruned student
     with run.cell(noise, student_h_size, cell.method, cell.k) as z:
         q, r, t, v, v_star = (z[name] for name in ("unpruned_q", "unpruned_r", "t", "v", "v_star"))
-    try:
-        block_order(r)
-    except NotSpecialised:
-        return None
-    return np.array([generalisation_error(*random_edge_expected(q, r, f)[:2], t, v, v_star)
+    return np.array([expected_random_edge_loss(q, r, t, v, v_star, f)
                      for f in fractions]) + 0.5 * noise ** 2
 
 
@@ -306,11 +304,8 @@ def figure_random_edge_closed_form(run):
         label = "measured (student 0)" if students(rows) > 1 else "measured"
         ax.scatter(f, df.test_loss, s=14, color=STYLE["random_edge"][0], label=label)
         curve = random_edge_curve(run, noise, student_h_size, fractions)
-        if curve is None:
-            ax.set_title(f"K = {student_h_size}, $\\sigma$ = {noise:g}: not specialised", fontsize=9)
-        else:
-            ax.plot(fractions, curve, "k-", lw=1, label="closed form")
-            ax.set_title(f"K = {student_h_size}, $\\sigma$ = {noise:g}", fontsize=10)
+        ax.plot(fractions, curve, "k-", lw=1, label="closed form")
+        ax.set_title(f"K = {student_h_size}, $\\sigma$ = {noise:g}", fontsize=10)
         ax.set_xlabel("fraction of edges kept f = k / N")
         ax.set_ylabel("test loss")
         ax.set_yscale("log")
