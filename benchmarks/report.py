@@ -175,9 +175,11 @@ class Report:
         add(f"- CPU: {facts['cpu']}, {facts['cores']} cores (torch uses "
             f"{facts['torch_threads']} threads); memory {facts['memory']}")
         la0, la1 = facts["load_start"], facts["load_end"]
+        busy = max(la0[0], la1[0]) > facts["cores"]
         add(f"- load average (1, 5, 15 min) at start: {la0[0]:.2f}, {la0[1]:.2f}, {la0[2]:.2f};"
-            f" at end: {la1[0]:.2f}, {la1[1]:.2f}, {la1[2]:.2f} (shared machine: other "
-            "sessions were running; wall times include their interference)")
+            f" at end: {la1[0]:.2f}, {la1[1]:.2f}, {la1[2]:.2f}"
+            + (" (above the core count: other work shared the machine, and the wall times "
+               "include its interference)" if busy else ""))
         add(f"- Python {facts['python']}, torch {facts['torch']}, numpy {facts['numpy']}, "
             f"scipy {facts['scipy']}, numba {facts['numba']}, dppy {facts['dppy']}; "
             f"device `{c['device']}`")
