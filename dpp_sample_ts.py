@@ -258,6 +258,12 @@ class KDPP:
         return out
 
 
+def sampler(kernel):
+    """A KDPP for a kernel (n, n), or the KDPP itself if one is passed: strategies and
+    expectations take either, so that one eigendecomposition serves every draw and budget."""
+    return kernel if isinstance(kernel, KDPP) else KDPP(kernel)
+
+
 def exact_subset_probabilities(L, k):
     """Brute force over all k-subsets: {sorted k-tuple: det(L_S) / Σ_T det(L_T)}.
 
@@ -344,7 +350,8 @@ class Pruner:
     granularity: str          # 'node': k counts hidden nodes; 'edge': k counts inputs per node
     draw: Callable            # (w1 (K,N), w2 (K,), gram (N,N), k, num_masks, rng, kernels,
     #                           importance_rule) -> (B, N, K) bool; kernels: precomputed DPP
-    #                           kernel(s) or None; importance_rule: see importance_node_keep
+    #                           kernel(s) or their KDPP samplers, or None; importance_rule:
+    #                           see importance_node_keep
 
 
 PRUNERS = {}
@@ -370,7 +377,7 @@ def _node_masks(keep, n):
 @_register("dpp_node", "node")
 def dpp_node(w1, w2, gram, k, num_masks, rng, kernels=None, importance_rule=None):
     kernel = node_kernel(w1, gram) if kernels is None else kernels
-    subsets = KDPP(kernel).sample_many(k, num_masks, rng)                    # (B, k)
+    subsets = sampler(kernel).sample_many(k, num_masks, rng)                 # (B, k)
     keep = np.zeros((num_masks, w1.shape[0]), dtype=bool)
     np.put_along_axis(keep, subsets, True, axis=1)
     return _node_masks(keep, w1.shape[1])
@@ -383,7 +390,7 @@ def dpp_edge(w1, w2, gram, k, num_masks, rng, kernels=None, importance_rule=None
     masks = np.zeros((num_masks, n, num_nodes), dtype=bool)
     for i in range(num_nodes):
         kernel = edge_kernel(w1[i], gram) if kernels is None else kernels[i]
-        subsets = KDPP(kernel).sample_many(k, num_masks, rng)                 # (B, k)
+        subsets = sampler(kernel).sample_many(k, num_masks, rng)              # (B, k)
         np.put_along_axis(masks[:, :, i], subsets, True, axis=1)
         if progress is not None:
             progress(i + 1, num_nodes)

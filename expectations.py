@@ -28,8 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dpp_sample_ts import (KDPP, edge_kernel, importance_node_keep, node_kernel,
-                           solve_psd)
+from dpp_sample_ts import edge_kernel, importance_node_keep, node_kernel, sampler, solve_psd
 from mask_marginals import BernoulliMarginals, FixedMarginals, KDPPMarginals
 from order_params import gaussian_moment, generalisation_error, random_edge_expected
 
@@ -165,7 +164,8 @@ def expected_node_loss(method, k, q, r, t, v, v_star, kernel=None, hidden_gram=N
 # Edge methods
 
 def edge_marginals(method, k, w1, gram=None, kernels=None):
-    """The mask distribution of every hidden node: a list of K marginals objects."""
+    """The mask distribution of every hidden node: a list of K marginals objects; `kernels`
+    (dpp_edge): the nodes' kernels or their KDPP samplers, else built from w1 and gram."""
     w1 = np.asarray(w1, dtype=np.float64)
     num_nodes, n = w1.shape
     if method == "random_edge":
@@ -176,8 +176,8 @@ def edge_marginals(method, k, w1, gram=None, kernels=None):
         np.put_along_axis(masks, top, True, axis=1)
         return [FixedMarginals(m) for m in masks]
     if method == "dpp_edge":
-        return [KDPPMarginals(KDPP(edge_kernel(w1[i], gram) if kernels is None else kernels[i]), k)
-                for i in range(num_nodes)]
+        return [KDPPMarginals(sampler(edge_kernel(w1[i], gram) if kernels is None
+                                      else kernels[i]), k) for i in range(num_nodes)]
     raise ValueError(f"{method!r} is not an edge method")
 
 

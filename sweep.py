@@ -25,7 +25,7 @@ import numpy as np
 
 import workflow
 from data import generate_teacher
-from dpp_sample_ts import PRUNERS
+from dpp_sample_ts import KDPP, PRUNERS, edge_kernel
 from models import student_from_weights
 from order_params import order_parameters
 from storage import atomic_open, load_pickle, load_state_dict, save_pickle, save_state_dict
@@ -332,15 +332,25 @@ def prepare_dataset(preset, out, dataset, seed):
     return lines
 
 
+@dataclass
+class _Pruned:
+    """What a worker keeps of one group: its teacher, the student as pruned (rescaled or
+    not), that student's hidden-activation Gram, and its dpp_edge samplers once needed."""
+    teacher: object
+    unpruned: object
+    hgram: np.ndarray
+    edge_samplers: list = None
+
+
 _CACHE = {}
 
 
 def _load(preset, out, group):
-    """Teacher, the student as pruned (rescaled or not) and its hidden-activation Gram,
-    cached per worker process: one teacher at a time (a worker never holds two data sets),
-    with the students of every group of that teacher's dataset."""
+    """The group's _Pruned, cached per worker process: one teacher at a time (a worker
+    never holds two data sets), with the students of every group of that teacher's dataset."""
     if group not in _CACHE:
-        teacher = next((v[0] for g, v in _CACHE.items() if g.dataset == group.dataset), None)
+        teacher = next((v.teacher for g, v in _CACHE.items() if g.dataset == group.dataset),
+                       None)
         if teacher is None:
             _CACHE.clear()
             teacher = load_pickle(teacher_path(out, group.dataset), "teacher file")
@@ -348,13 +358,26 @@ def _load(preset, out, group):
         student = student_from_weights(state["w1.weight"].numpy(), state["w2.weight"].numpy(),
                                        preset.nonlinearity, preset.mode)
         unpruned = workflow.rescaled(student) if group.rescale else student
-        _CACHE[group] = (teacher, unpruned, workflow.hidden_gram(teacher, unpruned))
+        _CACHE[group] = _Pruned(teacher, unpruned, workflow.hidden_gram(teacher, unpruned))
     return _CACHE[group]
+
+
+def _kernels(loaded, method):
+    """dpp_edge: the k-DPP sampler of every hidden node, made once per student (one
+    eigendecomposition per node serves every round and every budget); other methods: None,
+    their strategies build what they need."""
+    if method != "dpp_edge":
+        return None
+    if loaded.edge_samplers is None:
+        w1 = loaded.unpruned.w1.weight.detach().double().numpy()
+        loaded.edge_samplers = [KDPP(edge_kernel(w, loaded.teacher.gram.numpy())) for w in w1]
+    return loaded.edge_samplers
 
 
 def run_cell(preset, out, cell, seed):
     """Draw, test and store one cell; returns its path. Rounds share nothing but the student."""
-    teacher, unpruned, hgram = _load(preset, out, cell.group)
+    loaded = _load(preset, out, cell.group)
+    teacher, unpruned, hgram = loaded.teacher, loaded.unpruned, loaded.hgram
     w1 = unpruned.w1.weight.detach().double().numpy()
     v = unpruned.w2.weight.detach().double().numpy().ravel()
     q, r, t = order_parameters(w1, teacher.w1.numpy())
@@ -363,7 +386,8 @@ def run_cell(preset, out, cell, seed):
                  unpruned_predicted=float(workflow.predicted_loss(teacher, w1, v)))
     for rnd in range(preset.rounds):
         _, masks = workflow.prune(teacher, unpruned, cell.method, cell.k, preset.num_masks,
-                                  mask_seed(seed, cell, rnd), rescale=False,
+                                  mask_seed(seed, cell, rnd), _kernels(loaded, cell.method),
+                                  rescale=False,
                                   importance_rule=preset.importance_rule)
         for rw in preset.reweighting:
             result = workflow.test_masks(teacher, unpruned, masks, cell.method, bool(rw), hgram,
@@ -399,7 +423,8 @@ def specialisation(r, v):
 def run_group(preset, out, group, seed):
     """Expected test loss of every method at every budget of the group's panel, with and
     without reweighting (NaN where none is derived), and the student's specialisation."""
-    teacher, unpruned, hgram = _load(preset, out, group)
+    loaded = _load(preset, out, group)
+    teacher, unpruned, hgram = loaded.teacher, loaded.unpruned, loaded.hgram
     panel = next(p for p in panels_of(preset, group.dataset)
                  if p.student_h_size == group.student_h_size)
     methods = [m for m in ALL_METHODS if m in EXPECTED_ALWAYS or m in panel.methods]
@@ -409,7 +434,8 @@ def run_group(preset, out, group, seed):
             k = budget(method, nodes, preset.input_dim, panel.student_h_size)
             for rw in preset.reweighting:
                 found = workflow.expected_test_loss(teacher, unpruned, method, k, bool(rw), hgram,
-                                                    preset.importance_rule)
+                                                    preset.importance_rule,
+                                                    _kernels(loaded, method))
                 rows.append((ALL_METHODS.index(method), k, nodes, rw)
                             + ((np.nan,) * 3 if found is None
                                else (found.value, found.first_order, found.sd)))
