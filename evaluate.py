@@ -85,17 +85,22 @@ def main(argv=None):
     import plots
     import teacher_student
     import workflow
+    from dpp_sample_ts import PRUNERS
     from order_params import NotSpecialised, block_order, order_parameters
     from progress import Bar
     teacher, student, masks = load_inputs(args)
     w1 = student.w1.weight.detach().double().numpy()
     q, r, t = order_parameters(w1, teacher.w1.numpy())
+    rw = bool(args.reweighting)
     with Bar(2, f"testing {len(masks)} masks, then their expected loss", unit="stage") as bar:
-        result = workflow.test_masks(teacher, student, masks, masks.choice,
-                                     bool(args.reweighting), device=args.device)
+        # node reweighting needs the hidden-activation Gram, one pass over the training
+        # inputs: made once, for the test and for the expectation
+        hgram = (workflow.hidden_gram(teacher, student)
+                 if rw and PRUNERS[masks.choice].granularity == "node" else None)
+        result = workflow.test_masks(teacher, student, masks, masks.choice, rw, hgram,
+                                     device=args.device)
         bar.update()
-        expected = teacher_student.expectation_line(teacher, student, masks,
-                                                    bool(args.reweighting))
+        expected = teacher_student.expectation_line(teacher, student, masks, rw, hgram)
         bar.update()
     eq, er, _ = order_parameters(result.weights, teacher.w1.numpy())
     eq, er = eq.mean(axis=0), er.mean(axis=0)
