@@ -47,11 +47,16 @@ def weights_id(w1):
     return hashlib.sha1(np.ascontiguousarray(w1, dtype=np.float64).tobytes()).hexdigest()[:16]
 
 
+def initial_student(input_dim, student_h_size, nonlinearity="sigmoid", mode="normal", seed=1):
+    """The untrained student that `seed` gives (training with and without a curve start here)."""
+    generator = torch.Generator().manual_seed(int(seed))
+    return Student(input_dim, student_h_size, nonlinearity, mode, generator)
+
+
 def train(teacher, student_h_size, nonlinearity="sigmoid", mode="normal", lr=0.5, epochs=1,
           momentum=0.0, seed=1, progress=None):
     """Initialise a student from `seed` and train it by online SGD on the teacher's data."""
-    generator = torch.Generator().manual_seed(int(seed))
-    student = Student(teacher.input_dim, student_h_size, nonlinearity, mode, generator)
+    student = initial_student(teacher.input_dim, student_h_size, nonlinearity, mode, seed)
     return training.online_sgd(student, teacher.inputs, teacher.labels, lr, epochs=epochs,
                                momentum=momentum, progress=progress)
 
@@ -206,15 +211,14 @@ def train_with_curve(teacher, student_h_size, nonlinearity="sigmoid", mode="norm
                      epochs=1, seed=1, points=50, test_rows=10000, with_ode=True,
                      progress=None):
     """`train` (plain SGD, same seed, bit-identical weights) cut into about `points` segments
-    of consecutive training samples (`segment_bounds`); at the start and after each segment, the test loss on the first `test_rows`
-    test samples and the order parameters. With `with_ode`, the order-parameter ODEs started
+    of consecutive training samples (`segment_bounds`); at the start and after each segment,
+    the test loss on the first `test_rows` test samples and the order parameters. With `with_ode`, the order-parameter ODEs started
     from the student's initial Q, R, T, v and integrated to the same alphas = steps / N
     (not when SGD diverged: then curve.ode is None).
 
     Returns (trained student, TrainingCurve).
     """
-    generator = torch.Generator().manual_seed(int(seed))
-    student = Student(teacher.input_dim, student_h_size, nonlinearity, mode, generator)
+    student = initial_student(teacher.input_dim, student_h_size, nonlinearity, mode, seed)
     w1 = student.w1.weight.detach().double().numpy().copy()       # (K, N)
     w2 = student.w2.weight.detach().double().numpy().ravel()      # (K,)
     w_star = teacher.w1.numpy()                                   # (M, N)
