@@ -91,9 +91,7 @@ def prune(teacher, student, choice, k, num_masks, seed=1, kernels=None, rescale=
     is the one the masks apply to. `kernels`: optional precomputed dpp_edge kernels of that
     student (see `edge_kernels`); progress(done, total) as in dpp_sample_ts.draw_masks.
     """
-    unpruned = rescaled(student) if rescale else student_from_weights(
-        student.w1.weight.detach().double().numpy(), student.w2.weight.detach().numpy(),
-        student.nonlinearity, student.mode)
+    unpruned = rescaled(student) if rescale else student
     w1 = unpruned.w1.weight.detach().double().numpy()     # (K, N), exactly as stored
     w2 = unpruned.w2.weight.detach().double().numpy()
     rng = np.random.default_rng(seed)
