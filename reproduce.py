@@ -174,18 +174,23 @@ def run(preset_name, preset, out, seed, methods=None, students=1, jobs=1, keep_d
             Bar(len(unready) + todo, f"{preset_name} grid", unit="unit") as bar:
         pending = {}
 
-        def open_next():
-            dataset = waiting.popleft()
-            if dataset in unready:
-                pending[pool.submit(sweep.prepare_dataset, preset, out, dataset, seed)] = dataset
-                return
+        def submit_work(dataset):
             for unit in work[dataset]:
                 fn = sweep.run_group if isinstance(unit, sweep.Group) else sweep.run_cell
                 pending[pool.submit(fn, preset, out, unit, seed)] = unit
 
-        while waiting and (keep_data or len({u.dataset if not isinstance(u, sweep.Dataset)
-                                              else u for u in pending.values()}) < jobs):
+        def open_next():
+            """Make the next data set, or submit its work if it is already made."""
+            dataset = waiting.popleft()
+            if dataset in unready:
+                pending[pool.submit(sweep.prepare_dataset, preset, out, dataset, seed)] = dataset
+            else:
+                submit_work(dataset)
+
+        opened = 0                                  # data sets opened and not finished
+        while waiting and (keep_data or opened < jobs):
             open_next()
+            opened += 1
         while pending:
             for future in pool.next_done(pending):
                 unit = pending.pop(future)
@@ -194,9 +199,7 @@ def run(preset_name, preset, out, seed, methods=None, students=1, jobs=1, keep_d
                 if isinstance(unit, sweep.Dataset):
                     for line in result:
                         cli.log.info(line)
-                    unready.remove(unit)
-                    waiting.appendleft(unit)
-                    open_next()
+                    submit_work(unit)
                     continue
                 tables.add(unit)
                 tables.write()
