@@ -323,9 +323,8 @@ VERDICT_MARK = {"holds": "holds", "fails": "FAILS"}
 
 def claim_tables(run):
     """claims, expectations and specialisation of a run as DataFrames (rescaled rows)."""
-    read = lambda name: pd.read_csv(os.path.join(run.out, name))  # noqa: E731
-    claims, expected, special = (read(n) for n in ("claims.csv", "expectations.csv",
-                                                   "specialisation.csv"))
+    claims, expected, special = (pd.read_csv(os.path.join(run.out, name)) for name in
+                                 ("claims.csv", "expectations.csv", "specialisation.csv"))
     return (claims[claims.rescale == 1], expected[expected.rescale == 1],
             special[special.rescale == 1])
 
