@@ -262,7 +262,8 @@ def check_masks(content, path, input_dim=None, teacher=None, teacher_path=None):
     """Raise UserError unless `content` is the (unpruned student, MaskList) a pruning run wrote,
     with 0/1 masks of the right shape, for `input_dim` and `teacher` if given."""
     import numpy as np
-    from dpp_sample_ts import PRUNERS, MaskList, k_range
+    from choices import k_range
+    from dpp_sample_ts import PRUNERS, MaskList
     again = "prune again with teacher_student.py --procedure pruning"
     if not (isinstance(content, tuple) and len(content) == 2
             and isinstance(content[1], MaskList)):

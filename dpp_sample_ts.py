@@ -44,6 +44,8 @@ import scipy.linalg
 import threadpoolctl
 import torch
 
+from choices import IMPORTANCE_RULES, k_range
+
 NEG_RTOL = 1e-4  # relative size of negative eigenvalues / asymmetry accepted as rounding
 SMALL_LAPACK = 1024  # below this size LAPACK calls run on one BLAS thread (see _one_blas_thread)
 
@@ -364,11 +366,6 @@ def _register(name, granularity):
     return wrap
 
 
-def k_range(choice, input_dim, student_h_size):
-    """The allowed k for a pruning choice: 1..K for node methods, 1..N for edge methods."""
-    return (1, student_h_size) if PRUNERS[choice].granularity == "node" else (1, input_dim)
-
-
 def _node_masks(keep, n):
     """(B, K) bool kept nodes -> (B, N, K) masks."""
     return np.repeat(keep[:, None, :], n, axis=1)
@@ -418,9 +415,6 @@ def importance_edge(w1, w2, gram, k, num_masks, rng, kernels=None, importance_ru
     mask = np.zeros(w1.shape, dtype=bool)
     np.put_along_axis(mask, top, True, axis=1)
     return np.repeat(mask.T[None], num_masks, axis=0)
-
-
-IMPORTANCE_RULES = ("magnitude", "signed")
 
 
 def importance_node_keep(w2, k, rule="magnitude"):
