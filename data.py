@@ -86,13 +86,15 @@ def _fill(inputs, labels, w1, w2, sig_w, generator, gram=None, progress=None):
 
 
 def generate_teacher(input_dim, teacher_h_size, num_data, mode="normal", sig_w=0.0, v_star=4,
-                     seed=1, device="cpu", progress=None):
-    """Teacher, `num_data` training samples and `num_data // 10` test samples.
+                     seed=1, device="cpu", progress=None, num_test=None):
+    """Teacher, `num_data` training samples and `num_test` test samples (default
+    `num_data // 10`, as teacher_dataset.py; a study may choose another test size).
 
     Every draw comes from one torch generator seeded with `seed` (bit-identical on the CPU
     run after run). Memory: the (P, N) float32 inputs plus one chunk.
     """
-    num_test = num_data // 10
+    default_test = num_test is None or num_test == num_data // 10
+    num_test = num_data // 10 if default_test else int(num_test)
     generator = torch.Generator(device=device).manual_seed(int(seed))
     w1, w2 = teacher_weights(input_dim, teacher_h_size, mode, v_star, generator)
     inputs = torch.empty(num_data, input_dim)
@@ -104,6 +106,8 @@ def generate_teacher(input_dim, teacher_h_size, num_data, mode="normal", sig_w=0
     _fill(test_inputs, test_labels, w1, w2, sig_w, generator, None, progress)
     settings = dict(input_dim=input_dim, teacher_h_size=teacher_h_size, num_data=num_data,
                     mode=mode, sig_w=float(sig_w), v_star=v_star, seed=int(seed))
+    if not default_test:             # recorded only where it differs, so older files still match
+        settings["num_test"] = num_test
     return TeacherDataset(w1.cpu(), w2.cpu(), inputs, labels, test_inputs, test_labels,
                           (gram / num_data).cpu(), settings)
 
