@@ -21,6 +21,7 @@ import pandas as pd
 import scipy.stats
 
 import reproduce
+import study
 import sweep
 from expectations import expected_random_edge_loss
 from order_params import NotSpecialised, block_order
@@ -42,17 +43,17 @@ class Run:
 
     def __init__(self, out, note=""):
         self.out, self.note = os.path.abspath(out), note
-        with open(os.path.join(out, "preset.json")) as f:
-            self.record = json.load(f)
-        self.preset_name = self.record["preset"]
-        self.preset = sweep.PRESETS[self.preset_name]
+        self.preset = study.read_record(out)
+        if self.preset is None:
+            raise NoResults(f"{out} holds no {study.RECORD}: it is not a reproduce.py run folder")
+        self.preset_name = self.preset.name
         self.df = pd.read_csv(os.path.join(out, "results.csv"))
 
     def describe(self):
-        r = self.record
-        return (f"preset '{self.preset_name}': N = {r['input_dim']}, P = {r['num_data']}, "
+        p = self.preset
+        return (f"study '{self.preset_name}': N = {p.input_dim}, P = {p.num_data}, "
                 f"{students(self.df)} student(s), "
-                f"{r['rounds']} rounds x {r['num_masks']} masks per cell, seed {r['seed']}, "
+                f"{p.rounds} rounds x {p.num_masks} masks per cell, seed {p.seed}, "
                 f"folder {self.out}" + (f"\n{self.note}" if self.note else ""))
 
     def cell(self, noise, student_h_size, method, k):
@@ -407,7 +408,7 @@ def expectation_agreement(run):
                                                  rounds=("round", "nunique"))
     out = cells.merge(expected[keys + ["expected", "expected_first_order", "expected_sd"]],
                       on=keys).dropna(subset=["expected"])
-    masks = out.rounds * run.record["num_masks"]
+    masks = out.rounds * run.preset.num_masks
     out["se"] = out.expected_sd / np.sqrt(masks)
     out["gap"] = (out.sampled - out.expected) / out.expected
     out["z"] = np.where(out.se > 0, (out.sampled - out.expected) / out.se.where(out.se > 0), 0.0)

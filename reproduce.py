@@ -1,21 +1,23 @@
-"""Run the paper's teacher-student grid on independent students and judge the paper's claims.
+"""Run a study (the paper's grid or your own) on independent students and judge the paper's claims.
 
     python3 reproduce.py --preset paper --students 5 --jobs 2 --out runs/paper
+    python3 reproduce.py --study studies/student_width.toml --scheduler tcp://HOST:8786
 
-Writes results.csv (one row per cell, reweighting and round), expectations.csv (expected test
-loss over the mask distribution of every method and budget, per student), specialisation.csv,
-and claims.csv / claims.md (paired differences across students, 95% intervals, verdicts).
-Reuses the teachers and trained students already in --out and skips finished work, so an
-interrupted run resumes where it stopped, and a later run with more --students adds students.
+A study is a TOML file (studies/*.toml; --preset NAME is studies/NAME.toml) that declares
+the whole grid; the flags below override it. Writes results.csv (one row per cell,
+reweighting and round), expectations.csv (expected test loss over the mask distribution of
+every method and budget, per student), specialisation.csv, and claims.csv / claims.md
+(paired differences across students, 95% intervals, verdicts). Reuses the teachers and
+trained students already in --out and skips finished work, so an interrupted run resumes
+where it stopped, and a later run that adds students or settings adds only their cells.
 """
 import collections
-import concurrent.futures
-import multiprocessing
 import os
 import time
 from dataclasses import replace
 
 import cli
+import study as studies
 from choices import IMPORTANCE_RULES, PRUNING_CHOICES, SWEEP_PRESETS
 
 # sweep (and with it torch) is imported once the flags are checked: --help answers at once.
@@ -24,171 +26,147 @@ RESCALE_CHOICES = {"1": (1,), "0": (0,), "both": (1, 0)}
 
 def parse_args(argv=None):
     parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="small", choices=SWEEP_PRESETS,
-                        help="smoke (seconds), small (minutes), paper (the paper's sizes)")
-    parser.add_argument("--out", default=None, help="output folder (default: runs/<preset>)")
-    parser.add_argument("--students", type=int, default=1,
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--preset", default=None, choices=SWEEP_PRESETS,
+                        help="smoke (seconds), small (minutes), paper (the paper's sizes): "
+                             "studies/<preset>.toml (default: small)")
+    source.add_argument("--study", default=None, metavar="FILE.toml",
+                        help="a study file declaring the grid (see studies/)")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: runs/<study name>)")
+    parser.add_argument("--students", type=int, default=None,
                         help="independent teacher/data/student sets, each seeded from --seed "
-                             "and its index (default: 1)")
+                             "and its index (default: the study's)")
     parser.add_argument("--methods", default=None,
                         help="comma-separated subset of " + ",".join(PRUNING_CHOICES)
-                             + " (default: the preset's)")
+                             + " (default: the study's)")
     parser.add_argument("--rounds", type=int, default=None,
-                        help="mask-drawing rounds per cell (default: the preset's)")
+                        help="mask-drawing rounds per cell (default: the study's)")
     parser.add_argument("--num_masks", type=int, default=None,
-                        help="masks per round (default: the preset's)")
-    parser.add_argument("--rescale", default="1", choices=sorted(RESCALE_CHOICES),
+                        help="masks per round (default: the study's)")
+    parser.add_argument("--rescale", default=None, choices=sorted(RESCALE_CHOICES),
                         help="1: rescale rows to norm sqrt(N) before pruning, as the original; "
-                             "0: prune the trained student as it is; both (default: 1)")
-    parser.add_argument("--importance_rule", default="magnitude", choices=IMPORTANCE_RULES,
+                             "0: prune the trained student as it is; both (default: the "
+                             "study's; the presets': 1)")
+    parser.add_argument("--importance_rule", default=None, choices=IMPORTANCE_RULES,
                         help="importance_node keeps the largest |v| (magnitude) or, as the "
-                             "original code, the largest signed v (default: magnitude)")
+                             "original code, the largest signed v (default: the study's; the "
+                             "presets': magnitude)")
     parser.add_argument("--k20_teacher_h_size", type=int, default=None,
-                        help="teacher hidden size M of the K = 20 panel (default: the preset's, 2)")
+                        help="teacher hidden size M of the K = 20 panel (default: the study's)")
     parser.add_argument("--keep_data", type=int, default=1, choices=(0, 1),
                         help="1 keeps every teacher data set (1.77 GB each at paper scale); 0 "
                              "deletes each one once its work is done, so that at most --jobs "
                              "are on disk at a time (they are regenerated bit-identically from "
                              "their recorded seeds if needed again) (default: 1)")
-    parser.add_argument("--seed", type=int, default=1, help="random seed (default: 1)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="random seed (default: the study's; the presets': 1)")
     parser.add_argument("--jobs", type=int, default=1,
-                        help="work units run in parallel processes (default: 1)")
+                        help="work units run in parallel local processes (default: 1)")
+    parser.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT",
+                        help="run the work units on the workers of this running Dask "
+                             "scheduler instead of local processes (see docs/studies.md)")
     return parser.parse_args(argv)
 
 
 def configure(args):
-    """The preset with the command line's changes, and the methods asked for (the flags are
-    checked before sweep, and with it torch, is imported)."""
+    """The study with the command line's changes, and the methods asked for (the flags and
+    the study file are checked before sweep, and with it torch, is imported)."""
     for flag, value in (("--rounds", args.rounds), ("--num_masks", args.num_masks),
-                        ("--k20_teacher_h_size", args.k20_teacher_h_size)):
+                        ("--k20_teacher_h_size", args.k20_teacher_h_size),
+                        ("--students", args.students)):
         if value is not None:
             cli.positive(flag, value)
     cli.positive("--jobs", args.jobs)
-    cli.positive("--students", args.students)
-    cli.seed("--seed", args.seed)
+    if args.seed is not None:
+        cli.seed("--seed", args.seed)
     methods = args.methods.split(",") if args.methods else None
     unknown = sorted(set(methods or ()) - set(PRUNING_CHOICES))
     if unknown:
         raise cli.UserError(f"--methods has unknown method(s) {', '.join(unknown)}; choose from "
                             + ", ".join(PRUNING_CHOICES))
-    import sweep
-    preset = sweep.PRESETS[args.preset]
-    if args.rounds is not None:
-        preset = replace(preset, rounds=args.rounds)
-    if args.num_masks is not None:
-        preset = replace(preset, num_masks=args.num_masks)
-    preset = replace(preset, rescale=RESCALE_CHOICES[args.rescale],
-                     importance_rule=args.importance_rule)
+    if args.scheduler is not None and args.jobs != 1:
+        raise cli.UserError("--jobs and --scheduler exclude each other: the scheduler's "
+                            "workers are the parallel processes")
+    try:
+        study = (studies.load(args.study) if args.study
+                 else studies.preset(args.preset or "small"))
+    except studies.StudyError as e:
+        raise cli.UserError(str(e)) from None
+    overrides = {name: value for name, value in (
+        ("rounds", args.rounds), ("num_masks", args.num_masks), ("students", args.students),
+        ("seed", args.seed), ("importance_rule", args.importance_rule),
+        ("rescale", RESCALE_CHOICES.get(args.rescale))) if value is not None}
+    study = replace(study, **overrides)
     if args.k20_teacher_h_size is not None:
-        size = (None if args.k20_teacher_h_size == preset.teacher_h_size
-                else args.k20_teacher_h_size)
-        preset = replace(preset, panels=tuple(
-            replace(p, teacher_h_size=size) if p.student_h_size == 20 else p
-            for p in preset.panels))
-    return preset, methods
+        m = args.k20_teacher_h_size
+        study = replace(study, teacher_h_sizes=studies.union(study.teacher_h_sizes, (m,)),
+                        panels=tuple(replace(p, teacher_h_sizes=(m,) if p.student_h_size == 20
+                                             else study.panel_teachers(p))
+                                     for p in study.panels))
+    try:
+        return studies.normalise(study, "the study with the command line's changes"), methods
+    except studies.StudyError as e:
+        raise cli.UserError(str(e)) from None
 
 
-def _worker_init():
-    """One thread per worker: the parallelism is across work units."""
-    import threadpoolctl
-    import torch
-    torch.set_num_threads(1)
-    threadpoolctl.threadpool_limits(1)
-
-
-class _Serial:
-    """Runs submitted work in this process, in order, one unit per `next_done`."""
-
-    def __init__(self):
-        self._queue = collections.deque()
-
-    def submit(self, fn, *args):
-        future = concurrent.futures.Future()
-        self._queue.append((future, fn, args))
-        return future
-
-    def next_done(self, pending):
-        future, fn, args = self._queue.popleft()
-        future.set_result(fn(*args))
-        return [future]
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-class _Parallel:
-    """Runs submitted work in `jobs` worker processes."""
-
-    def __init__(self, jobs):
-        self._pool = concurrent.futures.ProcessPoolExecutor(
-            jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
-
-    def submit(self, fn, *args):
-        return self._pool.submit(fn, *args)
-
-    def next_done(self, pending):
-        done, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
-        return done
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._pool.shutdown(cancel_futures=True)
-        return False
-
-
-def run(preset_name, preset, out, seed, methods=None, students=1, jobs=1, keep_data=True):
-    """Run every unfinished unit of the run; returns its RunTables and the claims rows.
+def run(study, out, methods=None, jobs=1, keep_data=True, scheduler=None):
+    """Run every unfinished unit of the study in `out`; returns its RunTables and the claims
+    rows. Holds the folder's lock throughout (one run at a time per folder).
 
     Data sets are opened (made, then their cells and expectation groups submitted) all at
     once, or with keep_data=False at most `jobs` at a time, each one's teacher file deleted
     as soon as its last unit is done."""
+    import executors
+    import storage
+    with executors.executor(jobs, scheduler) as pool, \
+            storage.folder_lock(out, "reproduce.py run"):
+        recorded = studies.claim_folder(study, out)
+        return _run(study, recorded, out, methods, pool, keep_data)
+
+
+def _run(study, recorded, out, methods, pool, keep_data):
     import claims
     import sweep
     from progress import Bar
     from run_tables import RunTables, write_csv
     from storage import atomic_open
 
-    sweep.check_record(preset_name, preset, out, seed)
-    cells = sweep.grid(preset, methods, students)
-    groups = sweep.groups(preset, students)
-    tables = RunTables(preset, out)
+    cells = sweep.grid(study, methods)
+    groups = sweep.groups(study)
+    tables = RunTables(recorded, out)
     work = collections.defaultdict(list)            # dataset -> unfinished cells and groups
     for unit in groups + cells:
         path = (sweep.group_path(out, unit) if isinstance(unit, sweep.Group)
                 else sweep.cell_path(out, unit))
         if not os.path.exists(path):
             work[unit.dataset].append(unit)
-    unready = [d for d in work if not sweep.dataset_ready(preset, out, d)]
+    unready = [d for d in work if not sweep.dataset_ready(study, out, d)]
     todo = sum(len(units) for units in work.values())
-    cli.log.info(f"{students} student(s): {len(cells)} cells and {len(groups)} expectation "
-                 f"groups, {len(cells) + len(groups) - todo} already done, {todo} to run, "
-                 f"{len(unready)} data set(s) to make")
+    cli.log.info(f"study '{study.name}', {study.students} student(s): {len(cells)} cells and "
+                 f"{len(groups)} expectation groups, {len(cells) + len(groups) - todo} already "
+                 f"done, {todo} to run, {len(unready)} data set(s) to make")
     waiting = collections.deque(work)               # data sets not opened yet
     left = {d: len(units) for d, units in work.items()}
-    with (_Serial() if jobs == 1 else _Parallel(jobs)) as pool, \
-            Bar(len(unready) + todo, f"{preset_name} grid", unit="unit") as bar:
+    cli.log.info(f"work units run in {pool.description}")
+    with Bar(len(unready) + todo, f"{study.name} grid", unit="unit") as bar:
         pending = {}
 
         def submit_work(dataset):
             for unit in work[dataset]:
                 fn = sweep.run_group if isinstance(unit, sweep.Group) else sweep.run_cell
-                pending[pool.submit(fn, preset, out, unit, seed)] = unit
+                pending[pool.submit(fn, study, out, unit)] = unit
 
         def open_next():
             """Make the next data set, or submit its work if it is already made."""
             dataset = waiting.popleft()
             if dataset in unready:
-                pending[pool.submit(sweep.prepare_dataset, preset, out, dataset, seed)] = dataset
+                pending[pool.submit(sweep.prepare_dataset, study, out, dataset)] = dataset
             else:
                 submit_work(dataset)
 
         opened = 0                                  # data sets opened and not finished
-        while waiting and (keep_data or opened < jobs):
+        while waiting and (keep_data or opened < pool.slots):
             open_next()
             opened += 1
         while pending:
@@ -219,14 +197,14 @@ def run(preset_name, preset, out, seed, methods=None, students=1, jobs=1, keep_d
 
 def main(argv=None):
     args = parse_args(argv)
-    preset, methods = configure(args)
-    out = args.out or os.path.join("runs", args.preset)
+    study, methods = configure(args)
+    out = args.out or os.path.join("runs", study.name)
     start = time.time()
+    import executors
     import sweep
     try:
-        _, rows = run(args.preset, preset, out, args.seed, methods, args.students, args.jobs,
-                      bool(args.keep_data))
-    except sweep.RunFolderError as e:
+        _, rows = run(study, out, methods, args.jobs, bool(args.keep_data), args.scheduler)
+    except (sweep.RunFolderError, studies.StudyError, executors.SchedulerUnreachable) as e:
         raise cli.UserError(str(e)) from None
     counts = collections.Counter(r["verdict"].split(" at ")[0] for r in rows)
     cli.log.info(f"results written to {os.path.join(out, 'results.csv')}; claims: "

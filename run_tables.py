@@ -38,9 +38,9 @@ def _order(unit):
                                     unit.k, -unit.rescale))
 
 
-def _group_fields(preset, group):
+def _group_fields(study, group):
     d = group.dataset
-    return dict(student=d.student, noise=d.noise, teacher_h_size=sweep.teacher_size(preset, d),
+    return dict(student=d.student, noise=d.noise, teacher_h_size=sweep.teacher_size(study, d),
                 student_h_size=group.student_h_size, rescale=group.rescale)
 
 
@@ -49,8 +49,8 @@ class RunTables:
     made it: more students, the other rescaling, another teacher size); `add` a unit that
     has just finished, then `write`."""
 
-    def __init__(self, preset, out):
-        self.preset, self.out = preset, out
+    def __init__(self, study, out):
+        self.study, self.out = study, out
         self._cell_rows = {}        # cell -> list of row dicts (without the expectation)
         self._group_rows = {}       # group -> list of expectation row dicts
         self._special = {}          # group -> list of specialisation row dicts
@@ -78,15 +78,15 @@ class RunTables:
             self._group_rows[unit], self._special[unit] = self._read_group(unit)
 
     def _read_cell(self, cell):
-        preset = self.preset
+        study = self.study
         with np.load(sweep.cell_path(self.out, cell)) as z:
-            for rw in preset.reweighting:
-                for rnd in range(preset.rounds):
+            for rw in study.reweighting:
+                for rnd in range(study.rounds):
                     losses = z[f"losses_rw{rw}_round{rnd}"]
-                    yield dict(**_group_fields(preset, cell.group), method=cell.method,
+                    yield dict(**_group_fields(study, cell.group), method=cell.method,
                                reweighting=rw, k=cell.k, nodes_equivalent=cell.nodes_equivalent,
                                fraction_kept=sweep.fraction_kept(cell.method, cell.k,
-                                                                 preset.input_dim,
+                                                                 study.input_dim,
                                                                  cell.student_h_size),
                                round=rnd, test_loss=float(losses.mean()),
                                predicted_loss=float(z[f"predicted_rw{rw}_round{rnd}"].mean()),
@@ -95,13 +95,13 @@ class RunTables:
                                unpruned_predicted_loss=float(z["unpruned_predicted"]))
 
     def _read_group(self, group):
-        preset = self.preset
-        fields = _group_fields(preset, group)
+        study = self.study
+        fields = _group_fields(study, group)
         with np.load(sweep.group_path(self.out, group)) as z:
             rows = [dict(**fields, method=sweep.ALL_METHODS[int(m)], reweighting=int(rw), k=int(k),
                          nodes_equivalent=int(nodes),
                          fraction_kept=sweep.fraction_kept(sweep.ALL_METHODS[int(m)], int(k),
-                                                           preset.input_dim, group.student_h_size),
+                                                           study.input_dim, group.student_h_size),
                          expected=value, expected_first_order=first, expected_sd=sd,
                          unpruned_expected=float(z["unpruned_expected"]))
                     for m, k, nodes, rw, value, first, sd in z["rows"]]

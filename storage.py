@@ -18,7 +18,9 @@ Problems with a file raise `FileProblem`, whose message is one sentence naming t
 import concurrent.futures
 import contextlib
 import errno
+import fcntl
 import os
+import socket
 import pickle
 import re
 import tempfile
@@ -142,6 +144,45 @@ def atomic_open(path, mode="wb"):
                               "previous file, if any, is unchanged") from None
         raise
     _fsync_folder(folder)
+
+
+class FolderInUse(FileProblem):
+    """Another process holds the folder's lock."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder, what="run"):
+    """Hold `folder`/.lock (an exclusive flock) for the block, or raise FolderInUse naming
+    the process that holds it. The lock file names its holder (pid, host, what) and is
+    removed when the block ends; the lock dies with its process, so a run killed with
+    SIGKILL never leaves the folder locked."""
+    path = os.path.join(folder, ".lock")
+    os.makedirs(folder, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            with contextlib.suppress(OSError):
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise FolderInUse(f"{folder} is in use by another {what} ({holder or 'a process'}); "
+                              "wait for it to finish or use another --out") from None
+        try:                                  # the file may have been removed and made anew
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)                   # while still held: no one can lock the old file
+        os.close(fd)
 
 
 def _fsync_folder(folder):

@@ -1,8 +1,8 @@
-"""The paper's teacher-student experiment grid, as data, and the work units that run it.
+"""The work units of a study (study.py: the grid, read from a TOML file) and their seeds.
 
-A preset fixes the sizes (NOTES.md, "The paper's experiment grid"). A run has S independent
-students: student s has its own teachers, data sets and trained networks, all seeded from
---seed and s (recorded in `student_<s>/sigma_<σ>/seeds.json`). Three kinds of work unit:
+A run has S independent students: student s has its own teachers, data sets and trained
+networks, all seeded from the study's seed and s (recorded in
+`student_<s>/sigma_<σ>/seeds.json`). Three kinds of work unit:
 - a *dataset* (student, noise level, teacher size): generate the teacher and its data, and
   train every panel's student on them (the README's own files, `teacher.pkl` and
   `student_<K>.pth` in `student_<s>/sigma_<σ>/`, so any of them can be fed to the scripts);
@@ -15,11 +15,15 @@ students: student s has its own teachers, data sets and trained networks, all se
   `student_<s>/expectations/<group>.npz`.
 results.csv (one row per cell, reweighting and round), expectations.csv (one row per
 student, method, budget and reweighting) and specialisation.csv are rebuilt from those files.
+Every unit reads and writes only files under the run folder, so it may run in any process
+or on any machine that sees the folder.
 """
+import functools
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, replace
+import struct
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -38,58 +42,12 @@ EXPECTED_ALWAYS = ("dpp_node", "random_node", "importance_node", "random_edge",
 
 
 class RunFolderError(ValueError):
-    """The run folder holds files of another preset, seed or teacher."""
-
-
-@dataclass(frozen=True)
-class Panel:
-    student_h_size: int
-    methods: tuple
-    node_budgets: tuple       # hidden nodes kept; edge methods get the same parameter count
-    teacher_h_size: int = None  # M of this panel's teacher; None: the preset's
-
-
-@dataclass(frozen=True)
-class Preset:
-    input_dim: int
-    num_data: int
-    noise_levels: tuple
-    panels: tuple
-    rounds: int
-    num_masks: int
-    teacher_h_size: int = 2
-    v_star: float = 4
-    lr: float = 0.5
-    epochs: int = 1
-    reweighting: tuple = (0, 1)
-    mode: str = "normal"
-    nonlinearity: str = "sigmoid"
-    rescale: tuple = (1,)            # 1: rows rescaled to norm sqrt(N) before pruning; 0: not
-    importance_rule: str = "magnitude"
-
-
-PRESETS = {
-    # seconds: for the tests and the notebooks' smoke runs
-    "smoke": Preset(input_dim=20, num_data=32000, noise_levels=(0.0, 0.25),
-                    panels=(Panel(6, ALL_METHODS, (1, 3, 5)),
-                            Panel(20, ("random_edge", "dpp_node"), (1, 3, 5))),
-                    rounds=2, num_masks=10),
-    # a few minutes on two cores; P / N = 1600 as in the paper
-    "small": Preset(input_dim=100, num_data=160000, noise_levels=(0.0, 0.25),
-                    panels=(Panel(6, ALL_METHODS, (1, 2, 3, 4, 5)),
-                            Panel(20, ("random_edge", "dpp_node"), (1, 2, 3, 4, 5))),
-                    rounds=3, num_masks=20),
-    # the paper's sizes: N = 500, P = 800000, K = 6 at 1..5 nodes, K = 20 at 5%..25%
-    "paper": Preset(input_dim=500, num_data=800000, noise_levels=(0.0, 0.25),
-                    panels=(Panel(6, ALL_METHODS, (1, 2, 3, 4, 5)),
-                            Panel(20, ("random_edge", "dpp_node"), (1, 2, 3, 4, 5))),
-                    rounds=5, num_masks=20),
-}
+    """The run folder holds files of another study, seed or teacher."""
 
 
 @dataclass(frozen=True)
 class Dataset:
-    """One teacher and its data: student set s, noise level, teacher size (None: preset's)."""
+    """One teacher and its data: student set s, noise level, teacher size (None: the study's own M)."""
     student: int
     noise: float
     teacher_h_size: int = None
@@ -159,47 +117,54 @@ def fraction_kept(method, k, input_dim, student_h_size):
     return (k + 1) / (input_dim + 1)
 
 
-def teacher_size(preset, dataset):
-    return preset.teacher_h_size if dataset.teacher_h_size is None else dataset.teacher_h_size
+def teacher_size(study, dataset):
+    """The teacher size M of a data set (its key holds None for the study's own M)."""
+    return study.teacher_h_size if dataset.teacher_h_size is None else dataset.teacher_h_size
 
 
-def datasets(preset, students=1):
-    """Every dataset of a run, student by student."""
+def _key_size(study, m):
+    return None if m == study.teacher_h_size else m
+
+
+def datasets(study, students=None):
+    """Every dataset of a run, student by student (students: default the study's)."""
     found = []
-    for s in range(students):
-        for noise in preset.noise_levels:
-            for panel in preset.panels:
-                d = Dataset(s, float(noise), panel.teacher_h_size)
-                if d not in found:
-                    found.append(d)
+    for s in range(study.students if students is None else students):
+        for noise in study.noise_levels:
+            for panel in study.panels:
+                for m in study.panel_teachers(panel):
+                    d = Dataset(s, float(noise), _key_size(study, m))
+                    if d not in found:
+                        found.append(d)
     return found
 
 
-def panels_of(preset, dataset):
-    return [p for p in preset.panels if p.teacher_h_size == dataset.teacher_h_size]
+def panels_of(study, dataset):
+    m = teacher_size(study, dataset)
+    return [p for p in study.panels if m in study.panel_teachers(p)]
 
 
-def grid(preset, methods=None, students=1):
+def grid(study, methods=None, students=None):
     """Every cell of a run, in a stable order (student, noise, panel, rescaling, method,
     budget), so that a worker's consecutive cells share their student."""
     cells = []
-    for d in datasets(preset, students):
-        for panel in panels_of(preset, d):
-            for rescale in preset.rescale:
+    for d in datasets(study, students):
+        for panel in panels_of(study, d):
+            for rescale in study.rescale:
                 for method in panel.methods:
                     if methods and method not in methods:
                         continue
                     for nodes in panel.node_budgets:
-                        k = budget(method, nodes, preset.input_dim, panel.student_h_size)
+                        k = budget(method, nodes, study.input_dim, panel.student_h_size)
                         cells.append(Cell(d.noise, panel.student_h_size, method, k, nodes,
                                           d.student, rescale, d.teacher_h_size))
     return cells
 
 
-def groups(preset, students=1):
+def groups(study, students=None):
     """Every expectation group of a run."""
-    return [Group(d, panel.student_h_size, rescale) for d in datasets(preset, students)
-            for panel in panels_of(preset, d) for rescale in preset.rescale]
+    return [Group(d, panel.student_h_size, rescale) for d in datasets(study, students)
+            for panel in panels_of(study, d) for rescale in study.rescale]
 
 
 # ----------------------------------------------------------------------------------------
@@ -227,37 +192,133 @@ def group_path(out, group):
                         group.name + ".npz")
 
 
-def _seed(*parts):
+# Seeds. Every unit's seeds are a function of its whole setting. The teacher and its inputs
+# (key: student, M) and a student's initialisation (student, M, K) are shared by the noise
+# levels of one student on purpose: σ is then a paired comparison (only the label noise
+# differs). Mask draws are keyed by (student, M, σ, K, method, k, rescaling, round).
+#
+# Earlier releases drew 32-bit seeds from shorter keys, which collided (student 0's teacher
+# of size M had the seeds of student M's own teacher; σ was truncated to int(100 σ)). Their
+# seeds are kept where they were sound, so that the presets' results stay as they were:
+# for students 0..LEGACY_STUDENTS-1 of the presets' own grids (the study's M, rows
+# rescaled, the presets' N, σ, K, methods, budgets and rounds), except units whose 32-bit
+# seeds collided with another unit's under the run's seed. Every other unit gets a 64-bit
+# seed of its full key, tagged so that it never coincides with a key of the older scheme.
+
+LEGACY_STUDENTS = 100
+# N -> (nodes kept, rounds) of the presets as they were; K = 6 had every method, K = 20
+# random_edge and dpp_node, both at σ = 0 and 0.25
+_LEGACY_GRIDS = {20: ((1, 3, 5), 2), 100: ((1, 2, 3, 4, 5), 3), 500: ((1, 2, 3, 4, 5), 5)}
+_LEGACY_PANELS = ((6, ALL_METHODS), (20, ("dpp_node", "random_edge")))
+_LEGACY_NOISE = (0.0, 0.25)
+_TAG = 0x5EED5EED                    # first word of every key of the current scheme
+
+
+def _legacy_seed(*parts):
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
-def _tail(student, teacher_h_size):
-    """Seed parts that tell students and teacher sizes apart; empty for student 0 with the
-    preset's teacher, whose seeds are those of a single-student run."""
-    return ([student] if student else []) + ([teacher_h_size] if teacher_h_size else [])
+def _seed64(seed, kind, *parts):
+    """A 64-bit seed from a fixed-length key of 32-bit words; the last part is never 0."""
+    words = [_TAG, seed & 0xFFFFFFFF, seed >> 32, kind] + [int(p) for p in parts]
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0])
 
 
-def teacher_seed(seed, dataset):
-    return _seed(seed, 0, *_tail(dataset.student, dataset.teacher_h_size))
+def _noise_words(noise):
+    bits = struct.unpack("<Q", struct.pack("<d", float(noise)))[0]
+    return bits & 0xFFFFFFFF, bits >> 32
 
 
-def init_seed(seed, dataset, student_h_size):
-    return _seed(seed, 1, student_h_size, *_tail(dataset.student, dataset.teacher_h_size))
+def _legacy_tail(student):
+    return [student] if student else []
 
 
-def mask_seed(seed, cell, rnd):
-    return _seed(seed, 2, cell.noise * 100, cell.student_h_size, ALL_METHODS.index(cell.method),
-                 cell.k, rnd, *_tail(cell.student, cell.teacher_h_size))
+def _legacy_keys(input_dim):
+    """Every key of the older scheme's domain at this N: ("teacher", s), ("init", s, K) and
+    ("mask", s, σ, K, method, k, round)."""
+    if input_dim not in _LEGACY_GRIDS:
+        return []
+    nodes, rounds = _LEGACY_GRIDS[input_dim]
+    keys = []
+    for s in range(LEGACY_STUDENTS):
+        keys.append(("teacher", s))
+        for size, methods in _LEGACY_PANELS:
+            keys.append(("init", s, size))
+            for noise in _LEGACY_NOISE:
+                for method in methods:
+                    for n in nodes:
+                        k = budget(method, n, input_dim, size)
+                        keys += [("mask", s, noise, size, method, k, r) for r in range(rounds)]
+    return keys
 
 
-def describe(preset_name, preset, seed):
-    """The record of what made a run folder (stored as preset.json). What only adds cells
-    under other names (students, rescaling, another teacher size for a panel) is left out,
-    so one folder can hold all of them."""
-    record = asdict(replace(preset, panels=tuple(replace(p, teacher_h_size=None)
-                                                 for p in preset.panels)))
-    del record["rescale"]
-    return dict(preset=preset_name, seed=seed, **record)
+def _legacy_value(seed, key):
+    kind, s = key[0], key[1]
+    if kind == "teacher":
+        return _legacy_seed(seed, 0, *_legacy_tail(s))
+    if kind == "init":
+        return _legacy_seed(seed, 1, key[2], *_legacy_tail(s))
+    _, _, noise, size, method, k, rnd = key
+    return _legacy_seed(seed, 2, noise * 100, size, ALL_METHODS.index(method), k, rnd,
+                        *_legacy_tail(s))
+
+
+@functools.lru_cache(maxsize=8)
+def _legacy_seeds(seed, input_dim):
+    """key -> seed of the older scheme, for the keys of its domain whose seed no other key
+    of the domain shares."""
+    values = {key: _legacy_value(seed, key) for key in _legacy_keys(input_dim)}
+    counts = {}
+    for v in values.values():
+        counts[v] = counts.get(v, 0) + 1
+    return {key: v for key, v in values.items() if counts[v] == 1}
+
+
+def _legacy(study, key, dataset, rescale=1):
+    """The older scheme's seed of a key, or None where the current scheme applies."""
+    if dataset.teacher_h_size is not None or rescale != 1:
+        return None
+    return _legacy_seeds(study.seed, study.input_dim).get(key)
+
+
+def teacher_seed(study, dataset):
+    """Seed of a data set's teacher and inputs (shared by its student's noise levels)."""
+    found = _legacy(study, ("teacher", dataset.student), dataset)
+    return found if found is not None else _seed64(
+        study.seed, 0, dataset.student, teacher_size(study, dataset))
+
+
+def init_seed(study, dataset, student_h_size):
+    """Seed of the initial student of K hidden nodes on a data set's teacher."""
+    found = _legacy(study, ("init", dataset.student, student_h_size), dataset)
+    return found if found is not None else _seed64(
+        study.seed, 1, dataset.student, student_h_size, teacher_size(study, dataset))
+
+
+def mask_seed(study, cell, rnd):
+    """Seed of round `rnd` of a cell's mask draws."""
+    key = ("mask", cell.student, cell.noise, cell.student_h_size, cell.method, cell.k, rnd)
+    found = _legacy(study, key, cell.dataset, cell.rescale)
+    return found if found is not None else _seed64(
+        study.seed, 2, cell.student, *_noise_words(cell.noise), cell.student_h_size,
+        ALL_METHODS.index(cell.method), cell.k, cell.rescale, rnd,
+        teacher_size(study, cell.dataset))
+
+
+def unit_seeds(study, methods=None):
+    """Every seed a run draws from, by its key: {(kind, unit, round): seed}; the keys of one
+    student's noise levels that share a teacher or an initialisation on purpose appear once."""
+    seeds = {}
+    for d in datasets(study):
+        shared = Dataset(d.student, 0.0, d.teacher_h_size)       # the key leaves σ out
+        seeds[("teacher", shared, None)] = teacher_seed(study, d)
+        for panel in panels_of(study, d):
+            seeds[("init", shared, panel.student_h_size)] = init_seed(study, d,
+                                                                       panel.student_h_size)
+    for cell in grid(study, methods):
+        for rnd in range(study.rounds):
+            seeds[("mask", cell, rnd)] = mask_seed(study, cell, rnd)
+    return seeds
 
 
 def cell_from_meta(meta):
@@ -269,59 +330,55 @@ def group_from_meta(meta):
     return Group(Dataset(**fields.pop("dataset")), **fields)
 
 
-def check_record(preset_name, preset, out, seed):
-    """Write preset.json in a new folder; refuse a folder made by another preset or seed."""
-    record = json.loads(json.dumps(describe(preset_name, preset, seed)))
-    path = os.path.join(out, "preset.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            found = json.load(f)
-        if found != record:
-            differ = sorted(k for k in set(found) | set(record) if found.get(k) != record.get(k))
-            raise RunFolderError(f"{out} holds a run of another preset or seed ({path} differs in "
-                             f"{', '.join(differ)}); use another --out")
-    else:
-        os.makedirs(out, exist_ok=True)
-        with atomic_open(path, "w") as f:
-            json.dump(record, f, indent=1)
-
-
 # ----------------------------------------------------------------------------------------
 # Work units (each runs in a worker process; all return what they wrote)
 
-def dataset_ready(preset, out, dataset):
+def dataset_ready(study, out, dataset):
     return all(os.path.exists(p) for p in
                [teacher_path(out, dataset)] + [student_path(out, dataset, p.student_h_size)
-                                               for p in panels_of(preset, dataset)])
+                                               for p in panels_of(study, dataset)])
 
 
-def prepare_dataset(preset, out, dataset, seed):
+def teacher_settings(study, dataset):
+    """The generate_teacher arguments (and TeacherDataset.settings) of a data set."""
+    wanted = dict(input_dim=study.input_dim, teacher_h_size=teacher_size(study, dataset),
+                  num_data=study.num_data, mode=study.mode, sig_w=float(dataset.noise),
+                  v_star=study.v_star, seed=teacher_seed(study, dataset))
+    if study.test_size is not None:
+        wanted["num_test"] = study.test_size
+    return wanted
+
+
+def _make_teacher(study, dataset):
+    return generate_teacher(**teacher_settings(study, dataset))
+
+
+def prepare_dataset(study, out, dataset):
     """Make (or reuse) the teacher of a dataset and the trained student of each of its
     panels; record their seeds. Returns log lines."""
     _CACHE.clear()           # a worker holds one teacher at a time, also while making one
     lines = []
     path = teacher_path(out, dataset)
-    wanted = dict(input_dim=preset.input_dim, teacher_h_size=teacher_size(preset, dataset),
-                  num_data=preset.num_data, mode=preset.mode, sig_w=float(dataset.noise),
-                  v_star=preset.v_star, seed=teacher_seed(seed, dataset))
+    wanted = teacher_settings(study, dataset)
     if os.path.exists(path):
         teacher = load_pickle(path, "teacher file")
         if teacher.settings != wanted:
-            raise RunFolderError(f"{path} was made with {teacher.settings}, not this preset's "
+            raise RunFolderError(f"{path} was made with {teacher.settings}, not this study's "
                                  f"{wanted}; use another --out")
     else:
         lines.append(f"generating {path}")
-        teacher = generate_teacher(**wanted)
+        teacher = _make_teacher(study, dataset)
         save_pickle(teacher, path)
     seeds = {"teacher": wanted["seed"]}
-    for panel in panels_of(preset, dataset):
-        seeds[f"student_{panel.student_h_size}"] = init_seed(seed, dataset, panel.student_h_size)
+    for panel in panels_of(study, dataset):
+        seeds[f"student_{panel.student_h_size}"] = init_seed(study, dataset,
+                                                             panel.student_h_size)
         spath = student_path(out, dataset, panel.student_h_size)
         if os.path.exists(spath):
             continue
         lines.append(f"training {spath}")
-        student = workflow.train(teacher, panel.student_h_size, preset.nonlinearity, preset.mode,
-                                 preset.lr, preset.epochs, 0.0,
+        student = workflow.train(teacher, panel.student_h_size, study.nonlinearity, study.mode,
+                                 study.lr, study.epochs, 0.0,
                                  seeds[f"student_{panel.student_h_size}"])
         save_state_dict(student.state_dict(), spath)
     # one record per data set, so that workers preparing data sets at once never share one
@@ -342,24 +399,30 @@ class _Pruned:
     edge_samplers: list = None
 
 
-_CACHE = {}
+_CACHE = {}   # (run folder, seed, group) -> _Pruned
 
 
-def _load(preset, out, group):
-    """The group's _Pruned, cached per worker process: one teacher at a time (a worker
-    never holds two data sets), with the students of every group of that teacher's dataset."""
-    if group not in _CACHE:
-        teacher = next((v.teacher for g, v in _CACHE.items() if g.dataset == group.dataset),
-                       None)
+def _load(study, out, group):
+    """The group's _Pruned, cached per worker process and keyed by run folder, seed and
+    group: one teacher at a time (a worker never holds two data sets), with the students of
+    every group of that teacher's dataset. A teacher file that is not there (another
+    machine's disk, or removed by --keep_data 0) is made again from its seeds, bit-identically."""
+    folder = os.path.realpath(out)
+    key = (folder, study.seed, group)
+    if key not in _CACHE:
+        teacher = next((v.teacher for (f, seed, g), v in _CACHE.items()
+                        if (f, seed, g.dataset) == (folder, study.seed, group.dataset)), None)
         if teacher is None:
             _CACHE.clear()
-            teacher = load_pickle(teacher_path(out, group.dataset), "teacher file")
+            path = teacher_path(out, group.dataset)
+            teacher = (load_pickle(path, "teacher file") if os.path.exists(path)
+                       else _make_teacher(study, group.dataset))
         state = load_state_dict(student_path(out, group.dataset, group.student_h_size))
         student = student_from_weights(state["w1.weight"].numpy(), state["w2.weight"].numpy(),
-                                       preset.nonlinearity, preset.mode)
+                                       study.nonlinearity, study.mode)
         unpruned = workflow.rescaled(student) if group.rescale else student
-        _CACHE[group] = _Pruned(teacher, unpruned, workflow.hidden_gram(teacher, unpruned))
-    return _CACHE[group]
+        _CACHE[key] = _Pruned(teacher, unpruned, workflow.hidden_gram(teacher, unpruned))
+    return _CACHE[key]
 
 
 def _kernels(loaded, method):
@@ -374,9 +437,9 @@ def _kernels(loaded, method):
     return loaded.edge_samplers
 
 
-def run_cell(preset, out, cell, seed):
+def run_cell(study, out, cell):
     """Draw, test and store one cell; returns its path. Rounds share nothing but the student."""
-    loaded = _load(preset, out, cell.group)
+    loaded = _load(study, out, cell.group)
     teacher, unpruned, hgram = loaded.teacher, loaded.unpruned, loaded.hgram
     w1 = unpruned.w1.weight.detach().double().numpy()
     v = unpruned.w2.weight.detach().double().numpy().ravel()
@@ -384,19 +447,19 @@ def run_cell(preset, out, cell, seed):
     store = dict(unpruned_q=q, unpruned_r=r, t=t, v=v, v_star=teacher.w2.numpy().ravel(),
                  unpruned_loss=workflow.test_loss(teacher, unpruned),
                  unpruned_predicted=float(workflow.predicted_loss(teacher, w1, v)))
-    for rnd in range(preset.rounds):
-        _, masks = workflow.prune(teacher, unpruned, cell.method, cell.k, preset.num_masks,
-                                  mask_seed(seed, cell, rnd), _kernels(loaded, cell.method),
+    for rnd in range(study.rounds):
+        _, masks = workflow.prune(teacher, unpruned, cell.method, cell.k, study.num_masks,
+                                  mask_seed(study, cell, rnd), _kernels(loaded, cell.method),
                                   rescale=False,
-                                  importance_rule=preset.importance_rule)
-        for rw in preset.reweighting:
+                                  importance_rule=study.importance_rule)
+        for rw in study.reweighting:
             result = workflow.test_masks(teacher, unpruned, masks, cell.method, bool(rw), hgram,
                                          with_unpruned=False)
             eq, er, _ = order_parameters(result.weights, teacher.w1.numpy())
             tag = f"rw{rw}_round{rnd}"
             store[f"losses_{tag}"] = result.losses
             store[f"predicted_{tag}"] = workflow.predicted_loss(
-                teacher, result.weights, result.outs, preset.nonlinearity)
+                teacher, result.weights, result.outs, study.nonlinearity)
             store[f"eq_{tag}"], store[f"er_{tag}"] = eq.mean(axis=0), er.mean(axis=0)
     path = cell_path(out, cell)
     with atomic_open(path) as f:
@@ -420,21 +483,21 @@ def specialisation(r, v):
     return counts, summed, effective
 
 
-def run_group(preset, out, group, seed):
+def run_group(study, out, group):
     """Expected test loss of every method at every budget of the group's panel, with and
     without reweighting (NaN where none is derived), and the student's specialisation."""
-    loaded = _load(preset, out, group)
+    loaded = _load(study, out, group)
     teacher, unpruned, hgram = loaded.teacher, loaded.unpruned, loaded.hgram
-    panel = next(p for p in panels_of(preset, group.dataset)
+    panel = next(p for p in panels_of(study, group.dataset)
                  if p.student_h_size == group.student_h_size)
     methods = [m for m in ALL_METHODS if m in EXPECTED_ALWAYS or m in panel.methods]
     rows = []
     for method in methods:
         for nodes in panel.node_budgets:
-            k = budget(method, nodes, preset.input_dim, panel.student_h_size)
-            for rw in preset.reweighting:
+            k = budget(method, nodes, study.input_dim, panel.student_h_size)
+            for rw in study.reweighting:
                 found = workflow.expected_test_loss(teacher, unpruned, method, k, bool(rw), hgram,
-                                                    preset.importance_rule,
+                                                    study.importance_rule,
                                                     _kernels(loaded, method))
                 rows.append((ALL_METHODS.index(method), k, nodes, rw)
                             + ((np.nan,) * 3 if found is None

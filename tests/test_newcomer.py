@@ -133,7 +133,9 @@ def test_light_names_agree_with_the_heavy_modules():
     assert {name: p.granularity for name, p in dpp_sample_ts.PRUNERS.items()} == PRUNING_CHOICES
     assert IMPORTANCE_RULES == dpp_sample_ts.IMPORTANCE_RULES
     assert tuple(PRUNING_CHOICES) == sweep.ALL_METHODS
-    assert set(SWEEP_PRESETS) == set(sweep.PRESETS)
+    import study
+    assert {n[:-5] for n in os.listdir(study.STUDIES_DIR) if n.endswith(".toml")} >= set(SWEEP_PRESETS)
+    assert all(study.preset(name).name == name for name in SWEEP_PRESETS)
     assert set(PRUNING_CHOICES) == set(first_layer_pruning.METHODS)
     default = real_data.parse_args([]).fractions
     assert tuple(float(f) for f in default.split(",")) == real_data_sweep.FRACTIONS
@@ -276,9 +278,8 @@ class Smoke:
         out = argv[argv.index("--out") + 1]
         os.makedirs(out)
         results(2, 2, lambda s, r: 1.0).to_csv(os.path.join(out, "results.csv"), index=False)
-        with open(os.path.join(out, "preset.json"), "w") as f:
-            f.write('{"preset": "smoke", "input_dim": 20, "num_data": 32000, "rounds": 2, '
-                    '"num_masks": 10, "seed": 1}')
+        import study
+        study.claim_folder(study.preset("smoke"), out)
 
 
 def test_notebook_without_results_runs_only_the_smoke_preset_and_says_so(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ from nbclient import NotebookClient
 
 import claims
 import reproduce
+import study
 import sweep
 from run_tables import EXPECTATION_COLUMNS, RESULT_COLUMNS
 
@@ -23,7 +24,7 @@ def smoke_run(tmp_path_factory):
 
 
 def test_results_csv_has_one_row_per_cell_and_round(smoke_run):
-    preset = sweep.PRESETS["smoke"]
+    preset = study.preset("smoke")
     with open(smoke_run / "results.csv") as f:
         rows = list(csv.DictReader(f))
     cells = sweep.grid(preset)
@@ -41,11 +42,11 @@ def test_interrupted_sweep_resumes_without_redoing_cells(tmp_path, monkeypatch):
     args = ["--preset", "smoke", "--out", out, "--methods", "random_node,importance_edge"]
     real_run_cell, calls = sweep.run_cell, []
 
-    def interrupt_after_three(preset, out_, cell, seed):
+    def interrupt_after_three(study_, out_, cell):
         if len(calls) == 3:
             raise KeyboardInterrupt
         calls.append(cell.name)
-        return real_run_cell(preset, out_, cell, seed)
+        return real_run_cell(study_, out_, cell)
 
     monkeypatch.setattr(sweep, "run_cell", interrupt_after_three)
     with pytest.raises(KeyboardInterrupt):
@@ -58,14 +59,14 @@ def test_interrupted_sweep_resumes_without_redoing_cells(tmp_path, monkeypatch):
     calls.clear()
     monkeypatch.setattr(sweep, "run_cell", lambda *a: calls.append(a[2].name) or real_run_cell(*a))
     reproduce.main(args)
-    total = len(sweep.grid(sweep.PRESETS["smoke"], ["random_node", "importance_edge"]))
+    total = len(sweep.grid(study.preset("smoke"), ["random_node", "importance_edge"]))
     assert len(calls) == total - 3 and not set(calls) & {d[:-4] for d in done}
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
 
 
 def test_reused_folder_of_another_preset_is_refused(smoke_run):
     from cli import UserError
-    with pytest.raises(UserError, match="another preset"):
+    with pytest.raises(UserError, match="another study or seed .*differs in seed"):
         reproduce.main(["--preset", "smoke", "--out", str(smoke_run), "--seed", "2"])
 
 
@@ -89,8 +90,9 @@ def test_students_are_independent_and_seeded_from_the_run_seed(three_students):
     inits = [s["student_6"] for s in seeds]
     assert len(set(teachers)) == 3 and len(set(inits)) == 3
     # student 0 keeps the seeds of a single-student run
-    assert teachers[0] == sweep.teacher_seed(1, sweep.Dataset(0, 0.0))
-    assert inits[0] == sweep.init_seed(1, sweep.Dataset(0, 0.0), 6)
+    smoke = study.preset("smoke")
+    assert teachers[0] == sweep.teacher_seed(smoke, sweep.Dataset(0, 0.0))
+    assert inits[0] == sweep.init_seed(smoke, sweep.Dataset(0, 0.0), 6)
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert {r["student"] for r in rows} == {"0", "1", "2"}
@@ -114,7 +116,7 @@ def test_expected_column_is_the_mean_over_many_sampled_masks(three_students):
     with open(out / "expectations.csv") as f:
         spread = {(r["student"], r["noise"], r["student_h_size"], r["method"], r["k"],
                    r["reweighting"]): float(r["expected_sd"]) for r in csv.DictReader(f)}
-    num_masks = sweep.PRESETS["smoke"].num_masks
+    num_masks = study.preset("smoke").num_masks
     z = []
     for r in rows:
         sd = spread[(r["student"], r["noise"], r["student_h_size"], r["method"], r["k"],
@@ -184,7 +186,7 @@ def test_notebook_runs_on_smoke_preset(name, smoke_run, root, monkeypatch):
     NotebookClient(nb, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": str(root / "notebooks")}}).execute()
     first = "".join(o.get("text", "") for o in nb.cells[0].outputs)
-    assert "preset 'smoke'" in first
+    assert "study 'smoke'" in first
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
               if "image/png" in o.get("data", {})]
     assert images
