@@ -164,9 +164,9 @@ def evaluate_cell(setup, method, k, rounds, seed, reweightings=(0, 1), masks=Non
                 unpruned_test_error=setup.unpruned_error))
         unit = "nodes" if granularity(method) == "node" else "inputs per node"
         text = ", ".join(f"{'reweighted' if rw else 'pruned'} {e:.2f}%" for rw, e in errors.items())
-        log.info("%s k=%d %s (%.1f%% of first-layer weights kept) round %d: test error "
-                 "unpruned %.2f%%, %s", method, k, unit, 100 * kept_fraction(keep), r,
-                 setup.unpruned_error, text)
+        log.info("%s p=%.0f%% k=%d %s (%.1f%% of first-layer weights kept) round %d: test "
+                 "error unpruned %.2f%%, %s", method, 100 * fraction, k, unit,
+                 100 * kept_fraction(keep), r, setup.unpruned_error, text)
     return rows
 
 
