@@ -1,7 +1,8 @@
 """Figures shared by evaluate.py and the notebooks (matplotlib, no display needed)."""
 import matplotlib
 
-matplotlib.use("Agg")
+if "inline" not in matplotlib.get_backend():     # a notebook keeps its inline figures
+    matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
