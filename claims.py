@@ -11,11 +11,12 @@ of that student's masks used, and the row says so (basis `measured`).
 Across students the d_s are independent draws (each student has its own teacher, data and
 initialisation), so the 95% interval is mean ± t_{0.975, S-1} · sd / sqrt(S). Verdict:
 `holds` where the interval lies below zero, `fails` where it lies above, else `not resolved
-at S students`. Each interval is for its own row: with many rows some will exclude zero by
+at S students` (shown as "not resolved (S students)"). Each interval is for its own row: with many rows some will exclude zero by
 chance (about 1 in 40 false verdicts each way at 95%), so read patterns across budgets, not
 single rows.
 """
 import math
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -85,6 +86,13 @@ def paired_interval(differences, level=0.95):
     return mean, mean - half, mean + half
 
 
+def label(verdict_text):
+    """The words a verdict is shown with: holds, fails or not resolved (n students)."""
+    if verdict_text.startswith("not resolved at "):
+        return f"not resolved ({verdict_text[len('not resolved at '):]})"
+    return verdict_text
+
+
 def verdict(low, high, students):
     if high < 0:
         return "holds"
@@ -122,11 +130,49 @@ def evaluate(expectation_rows, result_rows=(), claims=CLAIMS):
     return out
 
 
-def markdown(rows):
-    """The claims as a Markdown table, one line per claim and setting."""
-    lines = ["| claim | σ | K | M | rescale | nodes | students | mean A − B (95% CI) | "
-             "relative | A lower for | basis | verdict |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+def describe_run(record, students, date):
+    """A run in words: its preset, N, P, students, seed and date. `record` is the run
+    folder's record (preset.json)."""
+    return (f"the {record['preset']} preset: N = {record['input_dim']}, "
+            f"P = {record['num_data']}, {students} student{'s' if students != 1 else ''}, "
+            f"seed {record['seed']}, run {date}")
+
+
+def title(record, students, date):
+    """The heading of a run's claims.md."""
+    return f"Claims of {describe_run(record, students, date)}"
+
+
+def run_date(claims_md):
+    """The date in the title line of a claims.md text (None when it has no such title)."""
+    match = re.match(r"# Claims of .*, run (\d{4}-\d{2}-\d{2})\n", claims_md)
+    return match.group(1) if match else None
+
+
+def small_run(record, students):
+    """Whether a run is smaller than the paper's scale (another preset, or under 5 students),
+    so that its verdicts are not the paper-scale ones."""
+    return record["preset"] != "paper" or students < 5
+
+
+def small_run_note(record, students):
+    return (f"This run is below the paper's scale ({record['preset']} preset, {students} "
+            "students): its verdicts and numbers are not the paper-scale ones.")
+
+
+def markdown(rows, record, date):
+    """The claims as a Markdown page: a title naming the run, a warning line for a run
+    below the paper's scale, and a table with one line per claim and setting."""
+    students = max((r["students"] for r in rows), default=0)
+    lines = [f"# {title(record, students, date)}", ""]
+    if small_run(record, students):
+        lines += [small_run_note(record, students), ""]
+    lines += ["Verdicts: holds (the 95% interval of the mean difference A − B lies below "
+              "zero), fails (above zero), not resolved (n students) (the interval contains "
+              "zero).", "",
+              "| claim | σ | K | M | rescale | nodes | students | mean A − B (95% CI) | "
+              "relative | A lower for | basis | verdict |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ci = ("" if not math.isfinite(r["ci_low"])
               else f" ({r['ci_low']:+.4f}, {r['ci_high']:+.4f})")
@@ -134,5 +180,5 @@ def markdown(rows):
                      f"{r['teacher_h_size']} | {r['rescale']} | {r['nodes_equivalent']} | "
                      f"{r['students']} | {r['mean_difference']:+.4f}{ci} | "
                      f"{100 * r['relative']:+.1f}% | {r['agree']}/{r['students']} | "
-                     f"{r['basis']} | {r['verdict']} |")
+                     f"{r['basis']} | {label(r['verdict'])} |")
     return "\n".join(lines) + "\n"

@@ -15,21 +15,22 @@ default) are shown.
 import json
 import os
 
+import matplotlib.colors
+import matplotlib.patches
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import scipy.stats
 
+import claims as claims_module
 import reproduce
 import study
 import sweep
 from expectations import expected_random_edge_loss
 from order_params import NotSpecialised, block_order
+from plots import band, method_offsets, method_style, percent_axis
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-STYLE = {"dpp_node": ("C0", "o"), "dpp_edge": ("C1", "s"), "random_node": ("C2", "^"),
-         "random_edge": ("C3", "v"), "importance_node": ("C4", "D"),
-         "importance_edge": ("C5", "P")}
 
 
 class NoResults(Exception):
@@ -135,12 +136,15 @@ def error_bar_caption(run):
     s = students(df)
     if s > 1:
         what = (f"mean over {s} independently trained students of each student's mean over "
-                f"{df['round'].nunique()} rounds; bars: 95% t-interval of that mean across "
+                f"{df['round'].nunique()} rounds; shaded: 95% t-interval of that mean across "
                 "students")
     else:
         what = (f"mean over {df['round'].nunique()} rounds of mask draws from one trained "
-                "student; bars: 95% t-interval of that mean across rounds")
-    return f"Points: {what}. The dashed line is the unpruned (rescaled) student."
+                "student; shaded: 95% t-interval of that mean across rounds")
+    return (f"Points: {what}; a band that reaches past the plot (with few students its lower "
+            "end can be at or below zero, which a log axis cannot show) is cut at the axis. "
+            "Methods are shifted slightly sideways so that coinciding points stay visible. "
+            "The dashed line is the unpruned (rescaled) student.")
 
 
 def x_positions_caption(run):
@@ -153,22 +157,34 @@ def x_positions_caption(run):
 
 def plot_loss_vs_budget(run, ax, noise, student_h_size, reweighting=0, methods=None,
                         x="fraction_kept"):
-    """Average test loss against parameters kept (%), 95% intervals (see the docstring)."""
+    """Average test loss against parameters kept (%), 95% intervals as bands (see the
+    docstring). The y range is set by the means and the unpruned loss; bands reaching past
+    it are cut at the axis. Methods are shifted slightly sideways, so that coinciding points
+    stay visible."""
     df = selected_rows(run)
     df = df[(df.noise == noise) & (df.student_h_size == student_h_size)
             & (df.reweighting == reweighting)]
     summary = _summary(df)
-    for method in methods or sweep.ALL_METHODS:
-        part = summary[summary.method == method].sort_values(x)
-        if part.empty:
-            continue
-        color, marker = STYLE[method]
-        xs = part[x] * (100 if x == "fraction_kept" else 1)
-        ax.errorbar(xs, part["mean"], yerr=part["ci"], color=color, marker=marker,
-                    capsize=3, label=method)
+    methods = [m for m in methods or sweep.ALL_METHODS if m in set(summary.method)]
+    scale = 100 if x == "fraction_kept" else 1
+    span = (summary[x].max() - summary[x].min()) * scale if not summary.empty else 1.0
+    shift = method_offsets(methods, 0.008 * (span or 1.0))
     if not summary.empty:
-        ax.axhline(summary.unpruned.iloc[0], color="k", ls="--", lw=1, label="unpruned")
-    ax.set_xlabel("% of parameters kept" if x == "fraction_kept" else "hidden nodes kept")
+        unpruned = summary.unpruned.iloc[0]
+        low = min(summary["mean"].min(), unpruned) / 1.6
+        ax.set_ylim(low, max(summary["mean"].max(), unpruned) * 2.0)
+        ax.axhline(unpruned, color="k", ls="--", lw=1, label="unpruned")
+    for method in methods:
+        part = summary[summary.method == method].sort_values(x)
+        xs = part[x] * scale + shift[method]
+        style = method_style(method)
+        band(ax, xs, part["mean"], part["ci"], low, color=style["color"])
+        ax.plot(xs, part["mean"], lw=1.3, ms=5, alpha=0.9, label=method, **style)
+    if x == "fraction_kept":
+        ax.set_xlabel("parameters kept")
+        percent_axis(ax.xaxis)
+    else:
+        ax.set_xlabel("hidden nodes kept")
     ax.set_ylabel("test loss")
     ax.set_yscale("log")
     ax.set_title(f"K = {student_h_size}, $\\sigma$ = {noise:g}"
@@ -262,9 +278,8 @@ def figure_theory_vs_simulation(run):
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     df = selected_rows(run)
     for method, part in df.groupby("method"):
-        color, marker = STYLE[method]
-        ax.scatter(part.predicted_loss, part.test_loss, s=12, color=color, marker=marker,
-                   label=method, alpha=0.7)
+        ax.scatter(part.predicted_loss, part.test_loss, s=12, label=method, alpha=0.7,
+                   **method_style(method))
     lo = min(df.predicted_loss.min(), df.test_loss.min())
     hi = max(df.predicted_loss.max(), df.test_loss.max())
     ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="theory = simulation")
@@ -304,7 +319,7 @@ def figure_random_edge_closed_form(run):
                   & (rows.student == 0)]
         f = df.k / run.preset.input_dim
         label = "measured (student 0)" if students(rows) > 1 else "measured"
-        ax.scatter(f, df.test_loss, s=14, color=STYLE["random_edge"][0], label=label)
+        ax.scatter(f, df.test_loss, s=14, label=label, **method_style("random_edge"))
         curve = random_edge_curve(run, noise, student_h_size, fractions)
         ax.plot(fractions, curve, "k-", lw=1, label="closed form")
         ax.set_title(f"K = {student_h_size}, $\\sigma$ = {noise:g}", fontsize=10)
@@ -319,9 +334,6 @@ def figure_random_edge_closed_form(run):
 # ----------------------------------------------------------------------------------------
 # The claims across students (claims.csv, expectations.csv, specialisation.csv)
 
-VERDICT_MARK = {"holds": "holds", "fails": "FAILS"}
-
-
 def claim_tables(run):
     """claims, expectations and specialisation of a run as DataFrames (rescaled rows)."""
     claims, expected, special = (pd.read_csv(os.path.join(run.out, name)) for name in
@@ -330,18 +342,62 @@ def claim_tables(run):
             special[special.rescale == 1])
 
 
-def verdict_grid(claims, student_h_size, teacher_h_size=None):
-    """One row per claim, one column per (σ, nodes): the verdict and the relative difference
-    of the means, e.g. 'holds -12%'."""
+def _claim_grid(claims, student_h_size, teacher_h_size, value):
     part = claims[claims.student_h_size == student_h_size]
     if teacher_h_size is not None:
         part = part[part.teacher_h_size == teacher_h_size]
-    cell = part.apply(lambda r: f"{VERDICT_MARK.get(r.verdict, '?')} {100 * r.relative:+.0f}%",
-                      axis=1)
-    grid = part.assign(cell=cell).pivot_table(index="claim", columns=["noise", "nodes_equivalent"],
-                                              values="cell", aggfunc="first", sort=False)
+    grid = part.assign(cell=part.apply(value, axis=1)).pivot_table(
+        index="claim", columns=["noise", "nodes_equivalent"], values="cell", aggfunc="first",
+        sort=False)
     grid.columns = [f"σ={n:g}, {k} nodes" for n, k in grid.columns]
     return grid
+
+
+def verdict_grid(claims, student_h_size, teacher_h_size=None):
+    """One row per claim, one column per (σ, nodes): the verdict and the relative difference
+    of the means, e.g. 'holds -12%' or 'not resolved (2 students) +1%'."""
+    return _claim_grid(claims, student_h_size, teacher_h_size,
+                       lambda r: f"{claims_module.label(r.verdict)} {100 * r.relative:+.0f}%")
+
+
+VERDICT_COLOUR = {"holds": "#4c9be8", "fails": "#f28e2b", "not resolved": "#e6e6e6"}
+
+
+def figure_verdict_grid(claims, student_h_size, teacher_h_size=None):
+    """The verdict grid as a figure: one coloured cell per claim and (σ, nodes), holds / fails
+    / not resolved, with the relative difference of the means written in it."""
+    kind = _claim_grid(claims, student_h_size, teacher_h_size,
+                       lambda r: claims_module.label(r.verdict).split(" (")[0])
+    text = _claim_grid(claims, student_h_size, teacher_h_size,
+                       lambda r: f"{100 * r.relative:+.0f}%")
+    kinds = list(VERDICT_COLOUR)
+    codes = kind.apply(lambda column: column.map(
+        lambda v: kinds.index(v) if isinstance(v, str) else np.nan)).to_numpy(dtype=float)
+    colours = matplotlib.colors.ListedColormap(list(VERDICT_COLOUR.values()))
+    rows, columns = codes.shape
+    fig, ax = plt.subplots(figsize=(2.2 + 1.0 * columns, 0.9 + 0.32 * rows))
+    ax.imshow(np.ma.masked_invalid(codes), cmap=colours, vmin=-0.5, vmax=len(kinds) - 0.5,
+              aspect="auto")
+    for (i, j), value in np.ndenumerate(text.to_numpy(dtype=object)):
+        if isinstance(value, str):
+            ax.text(j, i, value, ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(columns), text.columns, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(rows), text.index, fontsize=8)
+    ax.set_xticks(np.arange(columns + 1) - 0.5, minor=True)
+    ax.set_yticks(np.arange(rows + 1) - 0.5, minor=True)
+    ax.grid(which="minor", color="white", lw=1.5)
+    ax.tick_params(which="minor", length=0)
+    students_ = sorted(claims[claims.student_h_size == student_h_size].students.unique())
+    handles = [matplotlib.patches.Patch(color=c, label=k if k != "not resolved" else
+                                        f"not resolved ({'/'.join(map(str, students_))} "
+                                        "students)") for k, c in VERDICT_COLOUR.items()]
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.18 - 0.6 / rows),
+              ncol=3, fontsize=8, frameon=False)
+    teacher = f", M = {teacher_h_size}" if teacher_h_size is not None else ""
+    ax.set_title(f"Claims 'A below B', K = {student_h_size}{teacher}: verdict and relative "
+                 "difference (A − B) / B of the means", fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
 def plot_paired_differences(run, axes, a, b, student_h_size=6, rw=0):

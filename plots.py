@@ -1,10 +1,50 @@
 """Figures shared by evaluate.py and the notebooks (matplotlib, no display needed)."""
 import matplotlib
 
-matplotlib.use("Agg")
+if "inline" not in matplotlib.get_backend():     # a notebook keeps its inline figures
+    matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from storage import atomic_open  # noqa: E402
+
+# One colour and one marker per pruning method, for every figure of the suite (teacher-student
+# and real data), in the order the legends list them.
+METHOD_STYLE = {"dpp_node": ("C0", "o"), "random_node": ("C2", "^"),
+                "importance_node": ("C4", "D"), "dpp_edge": ("C1", "s"),
+                "random_edge": ("C3", "v"), "importance_edge": ("C5", "P")}
+
+
+def method_style(method):
+    """matplotlib keyword arguments (color, marker) of a pruning method."""
+    color, marker = METHOD_STYLE[method]
+    return dict(color=color, marker=marker)
+
+
+def method_offsets(methods, width):
+    """A small sideways shift per method, centred on zero and `width` apart, so that points of
+    methods that coincide stay visible side by side."""
+    return {m: (i - (len(methods) - 1) / 2) * width for i, m in enumerate(methods)}
+
+
+def _percent(value, _position=None):
+    return f"{value:g}%"
+
+
+def percent_axis(axis, log=False):
+    """Tick labels of `axis` (ax.xaxis or ax.yaxis) read as percent ("2%", "60%"); on a log
+    axis the 2x and 5x ticks of each decade are labelled too, never in powers of ten."""
+    axis.set_major_formatter(FuncFormatter(_percent))
+    if log:
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        axis.set_minor_formatter(NullFormatter())
+
+
+def band(ax, xs, mean, half, floor, **style):
+    """The interval mean ± half as a shaded band; where its lower end reaches `floor` or
+    below (on a log axis, zero or less cannot be drawn) it is cut at `floor`."""
+    low = [max(m - h, floor) for m, h in zip(mean, half)]
+    ax.fill_between(xs, low, [m + h for m, h in zip(mean, half)], alpha=0.12, lw=0, **style)
 
 
 def heatmap_figure(panels, suptitle=None, vmin=-1.0, vmax=1.0, columns=2):
@@ -59,3 +99,37 @@ def save_figure(fig, path):
 
 def save_heatmaps(path, panels, suptitle=None):
     save_figure(heatmap_figure(panels, suptitle), path)
+
+
+def figure_test_error(rows, dataset):
+    """Real data: test error (%) against p, the % of remaining parameters of the first two
+    weight matrices, one panel without and one with reweighting. `rows` are the results CSV's
+    rows of one weights file (a pandas DataFrame); points are means over rounds, bands their
+    standard deviation over rounds."""
+    summary = (rows.assign(percent=100 * rows.fraction)
+               .groupby(["reweighting", "method", "percent"]).test_error
+               .agg(["mean", "std"]).reset_index().fillna({"std": 0.0}))
+    unpruned = rows.unpruned_test_error.iloc[0]
+    low = min(summary["mean"].min(), unpruned) / 1.3
+    methods = [m for m in METHOD_STYLE if m in set(summary.method)]
+    shift = method_offsets(methods, 0.6)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, rw in zip(axes, (0, 1)):
+        for method in methods:
+            s = summary[(summary.reweighting == rw) & (summary.method == method)]
+            style = method_style(method)
+            xs = s.percent + shift[method]
+            band(ax, xs, s["mean"], s["std"], low, color=style["color"])
+            ax.plot(xs, s["mean"], ms=4, lw=1.3, alpha=0.9, label=method, **style)
+        ax.axhline(unpruned, color="k", ls="--", lw=1, label=f"unpruned ({unpruned:.2f}%)")
+        ax.set_yscale("log")
+        ax.set_ylim(low, summary["mean"].max() * 1.5)
+        percent_axis(ax.yaxis, log=True)
+        percent_axis(ax.xaxis)
+        ax.set_xlabel("p, remaining parameters of the first two weight matrices")
+        ax.set_title(f"{dataset}: {'with' if rw else 'without'} reweighting", fontsize=10)
+        ax.grid(True, which="major", alpha=0.3)
+    axes[0].set_ylabel("test error, mean over rounds (band: ± std)")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    return fig

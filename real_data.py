@@ -153,8 +153,10 @@ def prepared(args, data):
                                     test_batch_size=args.test_batch_size)
     node_scale, edge_scale = first_layer_pruning.kernel_scale(setup.stats, setup.drawer.w1,
                                                               args.beta)
-    cli.log.info("unpruned test error %.2f%%; beta x median squared distance: %.3g (node "
-                 "kernel), %.3g (edge kernels)", setup.unpruned_error, node_scale, edge_scale)
+    cli.log.info("unpruned test error %.2f%%; beta x median squared distance between the "
+                 "kernel's columns (its typical exponent: near 0 every column alike, far above "
+                 "1 every column distinct): %.3g (node kernel), %.3g (edge kernels)",
+                 setup.unpruned_error, node_scale, edge_scale)
     return setup
 
 

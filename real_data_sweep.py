@@ -51,16 +51,34 @@ def read_results(path):
         return list(reader)
 
 
+def lock_path(path):
+    """The lock file that guards the results CSV at `path` while a run merges into it."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, "." + name + ".lock")
+
+
 @contextlib.contextmanager
 def _locked(path):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "." + os.path.basename(path) + ".lock"), "a") as lock:
+    """Hold an exclusive lock on `path`'s lock file, and remove that file when the block ends,
+    normally or by an exception. A process that waited on a lock file which its holder then
+    removed finds that the path no longer names the file it locked, and locks anew."""
+    name = lock_path(path)
+    os.makedirs(os.path.dirname(name), exist_ok=True)
+    while True:
+        lock = open(name, "a")
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            current = os.stat(name)
+        except FileNotFoundError:
+            current = None
+        if current is not None and os.path.samestat(current, os.fstat(lock.fileno())):
+            break
+        lock.close()
+    try:
+        yield
+    finally:
+        os.remove(name)
+        lock.close()
 
 
 def merge_results(path, rows, replace=True):
@@ -146,9 +164,9 @@ def evaluate_cell(setup, method, k, rounds, seed, reweightings=(0, 1), masks=Non
                 unpruned_test_error=setup.unpruned_error))
         unit = "nodes" if granularity(method) == "node" else "inputs per node"
         text = ", ".join(f"{'reweighted' if rw else 'pruned'} {e:.2f}%" for rw, e in errors.items())
-        log.info("%s k=%d %s (%.1f%% of first-layer weights kept) round %d: test error "
-                 "unpruned %.2f%%, %s", method, k, unit, 100 * kept_fraction(keep), r,
-                 setup.unpruned_error, text)
+        log.info("%s p=%.0f%% k=%d %s (%.1f%% of first-layer weights kept) round %d: test "
+                 "error unpruned %.2f%%, %s", method, 100 * fraction, k, unit,
+                 100 * kept_fraction(keep), r, setup.unpruned_error, text)
     return rows
 
 

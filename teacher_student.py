@@ -1,4 +1,4 @@
-"""Train, prune and test the student network (steps 2-4 of the README).
+"""Train, prune and test the student network (steps 2, 3 and 5 of the README).
 
     python3 teacher_student.py --input_dim 500 --student_h_size 6 --teacher_path teacher.pkl \
         --nonlinearity sigmoid --mode normal --epoch 1 --lr 0.5

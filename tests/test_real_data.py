@@ -6,6 +6,7 @@ import pickle
 import struct
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -342,6 +343,43 @@ def test_sweep_resumes_and_pruning_replaces(digits_setup, tmp_path):
     assert len(after) == 12
     assert {experiments.row_key(r): r["test_error"] for r in after} == \
         {experiments.row_key(r): r["test_error"] for r in rows}
+
+
+def _row(method, k):
+    return dict(dataset="digits", weights_id="w", method=method, reweighting=0, beta=0.3, seed=0,
+                k=k, fraction=0.5, kept_fraction=0.5, round=0, test_error=1.0,
+                unpruned_test_error=1.0)
+
+
+def test_no_lock_file_outlives_a_merge(tmp_path):
+    csv_path = str(tmp_path / "real_data_results.csv")
+    lock = experiments.lock_path(csv_path)
+    assert os.path.dirname(lock) == str(tmp_path) and os.path.basename(lock).startswith(".")
+    experiments.merge_results(csv_path, [_row("dpp_node", 3)])
+    assert sorted(os.listdir(tmp_path)) == ["real_data_results.csv"]
+    # a merge that fails inside the lock (a CSV of other columns) removes the lock file too
+    (tmp_path / "real_data_results.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(cli.UserError):
+        experiments.merge_results(csv_path, [_row("dpp_node", 3)])
+    assert sorted(os.listdir(tmp_path)) == ["real_data_results.csv"]
+
+
+def test_concurrent_merges_keep_every_row_and_leave_no_lock(tmp_path):
+    csv_path = str(tmp_path / "r.csv")
+    barrier = threading.Barrier(6)
+
+    def merge(i):
+        barrier.wait()
+        for k in range(10):
+            experiments.merge_results(csv_path, [_row(f"m{i}", k)])
+
+    threads = [threading.Thread(target=merge, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(experiments.read_results(csv_path)) == 60
+    assert sorted(os.listdir(tmp_path)) == ["r.csv"]
 
 
 # ----------------------------------------------------------------------------------------
