@@ -131,9 +131,9 @@ def evaluate(expectation_rows, result_rows=(), claims=CLAIMS):
 
 
 def describe_run(record, students, date):
-    """A run in words: its preset, N, P, students, seed and date. `record` is the run
-    folder's record (preset.json)."""
-    return (f"the {record['preset']} preset: N = {record['input_dim']}, "
+    """A run in words: its study, N, P, students, seed and date. `record` is the run
+    folder's study record (study.json)."""
+    return (f"study '{record['name']}': N = {record['input_dim']}, "
             f"P = {record['num_data']}, {students} student{'s' if students != 1 else ''}, "
             f"seed {record['seed']}, run {date}")
 
@@ -150,13 +150,14 @@ def run_date(claims_md):
 
 
 def small_run(record, students):
-    """Whether a run is smaller than the paper's scale (another preset, or under 5 students),
-    so that its verdicts are not the paper-scale ones."""
-    return record["preset"] != "paper" or students < 5
+    """Whether a run is smaller than the paper's scale (N or P below the paper's, or under 5
+    students), so that its verdicts are not the paper-scale ones."""
+    return record["input_dim"] < 500 or record["num_data"] < 800000 or students < 5
 
 
 def small_run_note(record, students):
-    return (f"This run is below the paper's scale ({record['preset']} preset, {students} "
+    return (f"This run is below the paper's scale (N = {record['input_dim']}, P = "
+            f"{record['num_data']}, {students} students; the paper: N = 500, P = 800000, 5 "
             "students): its verdicts and numbers are not the paper-scale ones.")
 
 

@@ -2,19 +2,19 @@
 
     python3 docs_tables.py RUN_FOLDER [--bench benchmarks/results.md] --out docs/results
 
-Reads the run's preset.json, results.csv, expectations.csv, claims.csv and the date in the
+Reads the run's study.json, results.csv, expectations.csv, claims.csv and the date in the
 title of its claims.md, and writes one Markdown file per table, each headed by the run's
-preset, N, P, students, seed and date: the verdict grids (claims_K<K>_M<M>.md), the measured
+study, N, P, students, seed and date: the verdict grids (claims_K<K>_M<M>.md), the measured
 and the expected test loss per method and budget (test_loss.md, expected_loss.md), and, with
 --bench, the benchmark's report (benchmark.md). The same folder always gives the same bytes.
 """
 import collections
 import csv
-import json
 import os
 
 import claims
 import cli
+import study
 
 
 def read_run(folder):
@@ -28,11 +28,13 @@ def read_run(folder):
                                 "missing")
         with open(path, newline="") as f:
             tables[name] = list(csv.DictReader(f))
-    for name in ("preset.json", "claims.md"):
+    for name in (study.RECORD, "claims.md"):
         if not os.path.isfile(os.path.join(folder, name)):
             raise cli.UserError(f"{folder} is not a reproduce.py run folder: {name} is missing")
-    with open(os.path.join(folder, "preset.json")) as f:
-        record = json.load(f)
+    try:
+        record = study.record(study.read_record(folder))
+    except study.StudyError as e:
+        raise cli.UserError(str(e)) from None
     with open(os.path.join(folder, "claims.md")) as f:
         date = claims.run_date(f.read())
     if date is None:

@@ -191,8 +191,7 @@ def _run(study, recorded, out, methods, pool, keep_data):
     rows = claims.evaluate(tables.expectation_rows(), tables.result_rows())
     write_csv(os.path.join(out, "claims.csv"), claims.CLAIM_COLUMNS, rows)
     with atomic_open(os.path.join(out, "claims.md"), "w") as f:
-        f.write(claims.markdown(rows, sweep.describe(preset_name, preset, seed),
-                                time.strftime("%Y-%m-%d")))
+        f.write(claims.markdown(rows, studies.record(recorded), time.strftime("%Y-%m-%d")))
     return tables, rows
 
 

@@ -32,7 +32,7 @@ def test_tables_are_headed_by_the_run():
     assert set(tables) == {"claims_K6_M2.md", "claims_K20_M2.md", "test_loss.md",
                            "expected_loss.md"}
     for text in tables.values():
-        assert ("From the smoke preset: N = 20, P = 32000, 2 students, seed 1, run 2026-12-02."
+        assert ("From study 'smoke': N = 20, P = 32000, 2 students, seed 1, run 2026-12-02."
                 in text)
         assert "not the paper-scale ones" in text
     grid = tables["claims_K6_M2.md"]
