@@ -111,7 +111,8 @@ class DaskPool:
         return self._client.submit(one_thread, fn, *args, pure=False)
 
     def next_done(self, pending):
-        done, _ = self._distributed.wait(list(pending), return_when="FIRST_COMPLETED")
+        with self._client.as_current():
+            done, _ = self._distributed.wait(list(pending), return_when="FIRST_COMPLETED")
         return done
 
     def __enter__(self):

@@ -1,0 +1,140 @@
+"""reproduce.py --scheduler: the smoke study on a real Dask scheduler and real worker processes
+started from the `dask` command line on 127.0.0.1, stopped by the tests. Results must be the
+same bytes as the committed --jobs 1 run (tests/fixtures/smoke_run), also when a worker is
+killed with SIGKILL half-way."""
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+import cli
+import reproduce
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURE = os.path.join(ROOT, "tests", "fixtures", "smoke_run")
+COMPARED = ("results.csv", "expectations.csv", "claims.csv")
+DASK = shutil.which("dask")
+pytestmark = pytest.mark.skipif(DASK is None, reason="the dask command line is not installed")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env():
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("PYTEST_CURRENT_TEST", None)
+    return env
+
+
+class Cluster:
+    """A scheduler and `workers` one-process, one-thread workers (no nanny: a killed worker
+    stays dead), all on 127.0.0.1 and all stopped by `close`."""
+
+    def __init__(self, tmp, workers):
+        self.port = _free_port()
+        self.address = f"tcp://127.0.0.1:{self.port}"
+        self.procs = []
+        log = open(os.path.join(tmp, "cluster.log"), "w")
+        self._log = log
+        self.scheduler = self._start([DASK, "scheduler", "--host", "127.0.0.1", "--port",
+                                      str(self.port), "--dashboard-address", "127.0.0.1:0",
+                                      "--idle-timeout", "300"], tmp)
+        self.workers = [self._start([DASK, "worker", self.address, "--host", "127.0.0.1",
+                                     "--nthreads", "1", "--nworkers", "1", "--no-nanny",
+                                     "--no-dashboard", "--memory-limit", "0",
+                                     "--death-timeout", "60", "--lifetime", "300",
+                                     "--local-directory", tmp], tmp)
+                        for _ in range(workers)]
+        self._wait_for(workers)
+
+    def _start(self, command, tmp):
+        proc = subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=self._log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def _wait_for(self, workers, timeout=60):
+        from distributed import Client
+        deadline = time.monotonic() + timeout
+        with Client(self.address, timeout=timeout, set_as_default=False) as client:
+            while len(client.scheduler_info()["workers"]) < workers:
+                assert time.monotonic() < deadline, "the Dask workers did not start"
+                time.sleep(0.2)
+
+    def close(self):
+        for proc in self.procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = Cluster(str(tmp_path), workers=2)
+    yield c
+    c.close()
+
+
+def _same_as_fixture(out):
+    for name in COMPARED:
+        with open(os.path.join(out, name), "rb") as a, open(os.path.join(FIXTURE, name), "rb") as b:
+            assert a.read() == b.read(), f"{name} differs from the --jobs 1 run"
+
+
+def test_smoke_study_on_a_dask_cluster_is_byte_identical_to_jobs_1(cluster, tmp_path, capsys):
+    out = tmp_path / "run"
+    reproduce.main(["--preset", "smoke", "--students", "2", "--out", str(out),
+                    "--scheduler", cluster.address])
+    _same_as_fixture(out)
+    printed = capsys.readouterr()
+    assert f"the workers of the Dask scheduler {cluster.address} (2 now; dashboard http://127.0.0.1:" \
+        in printed.out
+    assert "smoke grid: 100%" in printed.err               # the same progress bar
+    assert not (out / ".lock").exists()
+
+
+def test_a_worker_killed_mid_run_loses_nothing(cluster, tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, os.path.join(ROOT, "reproduce.py"), "--preset", "smoke",
+               "--students", "2", "--out", str(out), "--scheduler", cluster.address]
+    client = subprocess.Popen(command, cwd=str(tmp_path), env=_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    cells = list(out.glob("student_*/cells/*.npz"))
+    deadline = time.monotonic() + 120
+    while len(cells) < 30:                                    # of 96 cells
+        assert client.poll() is None, client.stdout.read()
+        assert time.monotonic() < deadline, "the run made no progress"
+        time.sleep(0.05)
+        cells = list(out.glob("student_*/cells/*.npz"))
+    os.killpg(cluster.workers[0].pid, signal.SIGKILL)
+    output, _ = client.communicate(timeout=300)
+    assert client.returncode == 0, output
+    assert cluster.workers[0].wait(timeout=10) == -signal.SIGKILL
+    _same_as_fixture(out)
+    assert not list(out.rglob("*.part"))
+
+
+def test_an_unreachable_scheduler_is_one_line_and_status_2(tmp_path, capsys):
+    out = tmp_path / "run"
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    with pytest.raises(SystemExit) as e:
+        cli.run(reproduce.main, ["--preset", "smoke", "--out", str(out), "--scheduler", address])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"no Dask scheduler answered at {address}" in err[0]
+    assert not out.exists()

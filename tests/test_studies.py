@@ -1,0 +1,252 @@
+"""Study files: the presets as TOML, bad files refused in one line before anything is written,
+the folder's study record, seeds unique over a large study, the worker cache keyed by folder,
+and one run at a time per folder."""
+import csv
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+import cli
+import reproduce
+import study
+import sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+GOOD = """\
+[data]
+input_dim = 20
+num_data = 4000
+noise_levels = [0.0]
+
+[masks]
+rounds = 1
+num_masks = 4
+
+[[panels]]
+student_h_size = 6
+methods = ["random_node", "importance_edge"]
+nodes_kept = [2]
+"""
+
+
+def test_presets_are_the_paper_grids():
+    paper = study.preset("paper")
+    assert (paper.input_dim, paper.num_data, paper.num_test, paper.noise_levels) == (
+        500, 800000, 80000, (0.0, 0.25))
+    assert (paper.teacher_h_size, paper.v_star, paper.lr, paper.epochs) == (2, 4.0, 0.5, 1)
+    assert (paper.rounds, paper.num_masks, paper.reweighting, paper.rescale) == (5, 20, (0, 1),
+                                                                                (1,))
+    assert [(p.student_h_size, p.methods, p.node_budgets) for p in paper.panels] == [
+        (6, sweep.ALL_METHODS, (1, 2, 3, 4, 5)), (20, ("dpp_node", "random_edge"), (1, 2, 3, 4, 5))]
+    assert [sweep.budget("dpp_edge", n, 500, 6) for n in (1, 2, 3, 4, 5)] == [83, 166, 250, 333, 417]
+    smoke, small = study.preset("smoke"), study.preset("small")
+    assert (smoke.input_dim, smoke.num_data, smoke.rounds, smoke.num_masks) == (20, 32000, 2, 10)
+    assert smoke.panels[1].node_budgets == (1, 3, 5)              # from fractions 5%, 15%, 25%
+    assert (small.input_dim, small.num_data, small.rounds) == (100, 160000, 3)
+    for s in (smoke, small, paper):
+        assert study.from_record(study.record(s)) == s
+
+
+def test_a_study_file_and_its_defaults(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text(GOOD)
+    s = study.load(str(path))
+    assert s.name == "mine" and s.students == 1 and s.seed == 1 and s.teacher_h_sizes == (2,)
+    assert s.num_test == 400 and s.test_size is None
+    assert s.panels[0].methods == ("random_node", "importance_edge")
+
+
+BAD = {
+    "unknown key": (GOOD.replace("num_data = 4000", "num_data = 4000\nnum_dta = 5"),
+                    "data.num_dta is not a key of [data]; allowed: input_dim, num_data"),
+    "unknown section": (GOOD + "\n[optimiser]\nlr = 1\n",
+                        "optimiser is not a section; allowed: study, data, training"),
+    "wrong type": (GOOD.replace("input_dim = 20", 'input_dim = "20"'),
+                   "data.input_dim must be an integer, got '20'"),
+    "a boolean for a number": (GOOD.replace("rounds = 1", "rounds = true"),
+                               "masks.rounds must be an integer, got True"),
+    "K out of range": (GOOD.replace("student_h_size = 6", "student_h_size = 1"),
+                       "panels[0].student_h_size must be in 2..1000, got 1"),
+    "M out of range": (GOOD.replace("noise_levels = [0.0]", "noise_levels = [0.0]\n"
+                                    "teacher_h_sizes = [2, 0]"),
+                       "data.teacher_h_sizes[1] must be in 1..1000, got 0"),
+    "budget out of range": (GOOD.replace("nodes_kept = [2]", "nodes_kept = [2, 7]"),
+                            "panels[0].nodes_kept[1] must be in 1..6, got 7"),
+    "fraction of no whole node": (GOOD.replace("nodes_kept = [2]", "fractions_kept = [0.1]"),
+                                  "panels[0].fractions_kept[0] must keep a whole number of the 6"),
+    "negative noise": (GOOD.replace("noise_levels = [0.0]", "noise_levels = [0.0, -0.25]"),
+                       "data.noise_levels[1] must be non-negative, got -0.25"),
+    "negative lr": (GOOD + "\n[training]\nlr = -0.5\n", "training.lr must be positive, got -0.5"),
+    "zero lr": (GOOD + "\n[training]\nlr = 0\n", "training.lr must be positive, got 0"),
+    "empty list": (GOOD.replace("noise_levels = [0.0]", "noise_levels = []"),
+                   "data.noise_levels must not be empty"),
+    "empty methods": (GOOD.replace('methods = ["random_node", "importance_edge"]', "methods = []"),
+                      "panels[0].methods must not be empty"),
+    "unknown method": (GOOD.replace('"random_node"', '"random_nodes"'),
+                       "panels[0].methods[0] must be one of dpp_node, dpp_edge"),
+    "repeated value": (GOOD.replace("noise_levels = [0.0]", "noise_levels = [0.25, 0.25]"),
+                       "data.noise_levels repeats a value"),
+    "no panels": (GOOD[:GOOD.index("[[panels]]")], "panels is required"),
+    "missing N": (GOOD.replace("input_dim = 20\n", ""), "data.input_dim is required"),
+    "both budgets": (GOOD.replace("nodes_kept = [2]", "nodes_kept = [2]\nfractions_kept = [0.5]"),
+                     "panels[0] needs one of nodes_kept"),
+    "panel teacher not in study": (GOOD + "teacher_h_sizes = [3]\n",
+                                   "panels[0].teacher_h_sizes lists 3, which is not one of"),
+    "two panels on one K": (GOOD + GOOD[GOOD.index("[[panels]]"):],
+                            "panels[1] repeats student_h_size 6 on the teacher of size 2"),
+    "rescale not 0 or 1": (GOOD + "\n[variants]\nrescale = [2]\n",
+                           "variants.rescale[0] must be in 0..1, got 2"),
+    "not TOML": ("[data\ninput_dim = 20\n", "not valid TOML"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_a_bad_study_file_is_one_line_and_status_2_before_anything_is_written(case, tmp_path,
+                                                                               capsys):
+    text, message = BAD[case]
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        cli.run(reproduce.main, ["--study", str(path), "--out", str(out)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert f"error: {path}: " in err[0] and message in err[0], err[0]
+    assert not out.exists()
+
+
+def test_a_missing_study_file_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.run(reproduce.main, ["--study", str(tmp_path / "none.toml")])
+    assert e.value.code == 2
+    assert "none.toml: cannot be read" in capsys.readouterr().err
+
+
+def test_command_line_flags_override_the_file(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text(GOOD)
+    args = reproduce.parse_args(["--study", str(path), "--students", "3", "--rounds", "2",
+                                 "--rescale", "both", "--seed", "7",
+                                 "--importance_rule", "signed"])
+    s, _ = reproduce.configure(args)
+    assert (s.students, s.rounds, s.rescale, s.seed, s.importance_rule) == (3, 2, (1, 0), 7,
+                                                                          "signed")
+    assert s.num_masks == 4                               # the file's, not overridden
+
+
+def test_the_record_accepts_added_cells_and_refuses_changed_ones(tmp_path):
+    base = study.parse(GOOD, "mine.toml")
+    out = str(tmp_path)
+    study.claim_folder(base, out)
+    more = replace(base, students=3, noise_levels=(0.0, 0.5), rescale=(1, 0),
+                   panels=base.panels + (study.Panel(8, ("dpp_node",), (1, 2)),))
+    merged = study.claim_folder(more, out)
+    assert merged.students == 3 and merged.noise_levels == (0.0, 0.5)
+    assert study.read_record(out) == merged
+    fewer = replace(base, panels=(replace(base.panels[0], methods=("random_node",)),))
+    assert study.claim_folder(fewer, out) == merged       # leaving cells out changes nothing
+    for change in (dict(seed=2), dict(num_data=8000), dict(rounds=2), dict(lr=0.25),
+                   dict(teacher_h_sizes=(3,))):
+        with pytest.raises(study.StudyError, match="another study or seed .*differs in "
+                                                   + list(change)[0].replace("_sizes", "_size")):
+            study.claim_folder(replace(base, **change), out)
+
+
+def _legacy(*parts):
+    """The 32-bit seeds of earlier releases, written out independently."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def test_seeds_are_unique_over_a_large_study_and_keep_the_presets_seeds():
+    big = replace(study.preset("smoke"), noise_levels=(0.0, 0.25, 0.28, 0.29),
+                  teacher_h_sizes=(2, 3, 4), students=8, rescale=(1, 0), rounds=3,
+                  panels=(study.Panel(4, sweep.ALL_METHODS, (1, 2, 3)),
+                          study.Panel(6, sweep.ALL_METHODS, (1, 3, 5)),
+                          study.Panel(20, ("dpp_node", "random_edge"), (1, 3, 5))))
+    seeds = sweep.unit_seeds(big)
+    assert len(seeds) > 20000
+    assert len(set(seeds.values())) == len(seeds)
+    # the collisions of the older scheme are gone
+    d = sweep.Dataset
+    assert sweep.teacher_seed(big, d(0, 0.0, 3)) != sweep.teacher_seed(big, d(3, 0.0))
+    cell = sweep.Cell(0.28, 6, "random_node", 3, 3)
+    assert sweep.mask_seed(big, cell, 0) != sweep.mask_seed(big, replace(cell, noise=0.29), 0)
+    # the presets' units keep the seeds of earlier releases: student s, N = 20
+    assert sweep.teacher_seed(big, d(0, 0.25)) == _legacy(1, 0)
+    assert sweep.teacher_seed(big, d(5, 0.0)) == _legacy(1, 0, 5)
+    assert sweep.init_seed(big, d(2, 0.0), 6) == _legacy(1, 1, 6, 2)
+    k = sweep.budget("random_edge", 3, 20, 20)
+    assert sweep.mask_seed(big, sweep.Cell(0.25, 20, "random_edge", k, 3, 1), 1) == _legacy(
+        1, 2, 25, 20, 3, k, 1, 1)
+    # ... but not where the older scheme's 32-bit seeds collided (paper, --seed 1)
+    paper = study.preset("paper")
+    a = sweep.Cell(0.0, 6, "dpp_node", 5, 5, 6)
+    b = sweep.Cell(0.25, 6, "importance_edge", 166, 2, 17)
+    assert _legacy(1, 2, 0, 6, 0, 5, 4, 6) == _legacy(1, 2, 25, 6, 5, 166, 1, 17)
+    assert sweep.mask_seed(paper, a, 4) != sweep.mask_seed(paper, b, 1)
+    assert sweep.mask_seed(paper, a, 3) == _legacy(1, 2, 0, 6, 0, 5, 3, 6)
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_the_worker_cache_keeps_two_folders_apart(tmp_path):
+    """Folder B resumed in the process that just ran folder A (same groups, same seed, other
+    data) gives the results B gives alone."""
+    a_file, b_file = tmp_path / "a.toml", tmp_path / "b.toml"
+    a_file.write_text(GOOD)
+    b_file.write_text(GOOD.replace("num_data = 4000", "num_data = 6000"))
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    sweep._CACHE.clear()
+    reproduce.main(["--study", str(b_file), "--out", b])
+    alone = _rows(os.path.join(b, "results.csv"))
+    for unit in ("cells", "expectations"):
+        for name in os.listdir(os.path.join(b, "student_0", unit)):
+            os.remove(os.path.join(b, "student_0", unit, name))
+    reproduce.main(["--study", str(a_file), "--out", a])
+    reproduce.main(["--study", str(b_file), "--out", b])
+    assert _rows(os.path.join(b, "results.csv")) == alone
+    assert _rows(os.path.join(a, "results.csv")) != alone
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time, storage
+            with storage.folder_lock({str(out)!r}, "reproduce.py run"):
+                print("locked", flush=True)
+                time.sleep(60)
+            """)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONPATH=ROOT))
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SystemExit) as e:
+            cli.run(reproduce.main, ["--preset", "smoke", "--out", str(out)])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{out} is in use by another reproduce.py run (pid " \
+            f"{holder.pid} on " in err[0]
+        assert not (out / "study.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    start = time.monotonic()
+    reproduce.main(["--study", _write(tmp_path, GOOD), "--out", str(out)])   # the lock died
+    assert time.monotonic() - start < 60 and not (out / ".lock").exists()
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "study.toml"
+    path.write_text(text)
+    return str(path)
