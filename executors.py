@@ -10,8 +10,15 @@ results are the same bits wherever it runs: the parallelism is across units.
 """
 import collections
 import concurrent.futures
+import contextlib
 import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import subprocess
 import threading
+import time
 
 _UNIT_LOCK = threading.Lock()   # a Dask worker with several threads still runs one unit at a time
 
@@ -128,3 +135,69 @@ def executor(jobs=1, scheduler=None):
     if scheduler:
         return DaskPool(scheduler)
     return Serial() if jobs == 1 else LocalPool(jobs)
+
+
+class LocalDaskCluster:
+    """A Dask scheduler and `workers` worker processes on 127.0.0.1, started from the `dask`
+    command line as on a real cluster (one thread each, no nanny, so a killed worker stays
+    dead), with this project importable; `close` stops them all. For tests and benchmarks."""
+
+    def __init__(self, workers, folder, root=None, timeout=60):
+        dask = shutil.which("dask")
+        if dask is None:
+            raise FileNotFoundError("the dask command line is not installed (requirements.txt)")
+        root = root or os.path.dirname(os.path.abspath(__file__))
+        self._env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.address = f"tcp://127.0.0.1:{port}"
+        self.procs = []
+        self._log = open(os.path.join(folder, "dask_cluster.log"), "w")
+        self._start([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                     "--dashboard-address", "127.0.0.1:0", "--idle-timeout", "600"], root)
+        self.workers = [self._start([dask, "worker", self.address, "--host", "127.0.0.1",
+                                     "--nthreads", "1", "--nworkers", "1", "--no-nanny",
+                                     "--no-dashboard", "--memory-limit", "0",
+                                     "--death-timeout", "60", "--lifetime", "900",
+                                     "--local-directory", folder], root)
+                        for _ in range(workers)]
+        try:
+            self._wait_for(workers, timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, command, root):
+        proc = subprocess.Popen(command, cwd=root, env=self._env, stdout=self._log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def _wait_for(self, workers, timeout):
+        from distributed import Client
+        deadline = time.monotonic() + timeout
+        with Client(self.address, timeout=timeout, set_as_default=False) as client:
+            while len(client.scheduler_info()["workers"]) < workers:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{workers} Dask workers did not start in {timeout} s")
+                time.sleep(0.2)
+
+    def close(self):
+        for proc in self.procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self._log.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
