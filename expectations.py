@@ -79,14 +79,18 @@ def all_subsets(num_nodes, k):
 
 
 def node_subset_probabilities(method, subsets, kernel=None, v=None, importance_rule="magnitude"):
-    """P(S) (C,) of every row of subsets (C, k) under a node method."""
+    """P(S) (C,) of every row of subsets (C, k) under a node method; `kernel` (K, K) or its
+    KDPP sampler for dpp_node, which refuses (KDPPError, as its draws do) a k above the
+    kernel's numerical rank, where every det(L_S) would be rounding noise."""
     num, k = subsets.shape
     if method == "random_node":
         return np.full(num, 1.0 / num)
     if method == "dpp_node":
         if kernel is None:
             raise ValueError("dpp_node needs its kernel L = W G W^T")
-        kernel = np.asarray(kernel, dtype=np.float64)
+        kdpp = sampler(kernel)
+        kdpp.check_k(k)
+        kernel = kdpp.eigvecs @ (kdpp.eigvals[:, None] * kdpp.eigvecs.T)     # (K, K), as drawn
         blocks = kernel[subsets[:, :, None], subsets[:, None, :]]             # (C, k, k)
         dets = np.maximum(np.linalg.det(blocks), 0.0)
         return dets / dets.sum()

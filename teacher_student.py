@@ -366,11 +366,18 @@ def expectation_line(teacher, student, masks, reweighting, hgram=None):
     """One line: the expected test loss over the mask distribution of this pruning run
     beside what its masks gave (the measured mean has test-set and mask-sampling noise)."""
     import workflow
-    found = workflow.expected_test_loss(teacher, student, masks.choice, masks.k, reweighting,
-                                        hgram, getattr(masks, "importance_rule", "magnitude"))
+    from dpp_sample_ts import KDPPError
+    try:
+        found = workflow.expected_test_loss(teacher, student, masks.choice, masks.k,
+                                            reweighting, hgram,
+                                            getattr(masks, "importance_rule", "magnitude"))
+    except KDPPError as e:
+        raise cli.UserError(f"the expected test loss of {masks.choice} with k = {masks.k} does "
+                            f"not exist for this student ({str(e).rstrip('.')}); prune with a "
+                            "smaller --k") from None
     if found is None:
-        return ("expected test loss over the mask distribution: not derived for edge methods "
-                "with reweighting")
+        return ("expected test loss over the mask distribution: not derived for dpp_edge and "
+                "random_edge with reweighting")
     how = ("exact" if found.kind == "exact"
            else f"delta method; {found.first_order:.6g} at the expected order parameters")
     return (f"expected test loss over the mask distribution: {found.value:.6g} ({how}; "

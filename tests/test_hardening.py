@@ -158,6 +158,14 @@ def mkdir(name):
     return lambda d: os.makedirs(os.path.join(d, name))
 
 
+def rank_one_student(student, masks):
+    """Every hidden node of the masks file's student made ± the first (rows keep their
+    norm): its dpp_node kernel W G W^T has rank 1, below the masks' k = NODE_K."""
+    w = student.w1.weight.data                                               # (K, N)
+    signs = 1.0 - 2.0 * (torch.arange(len(w)) % 2)                            # (K,) ±1
+    w.copy_(signs[:, None] * w[:1])
+
+
 def other_student(d):
     """Replace the trained student by one trained from another --seed."""
     os.makedirs(os.path.join(d, "other"))
@@ -321,6 +329,10 @@ BAD_INPUTS = [
     ("te nonlinearity differs", None, TS, lambda d: args_testing(d, "dpp_node", NODE_K,
                                                                "--nonlinearity", "relu"),
      ["masks file", "relu"]),
+    ("te k above kernel rank", edit_masks(rank_one_student), TS, args_testing,
+     ["dpp_node", "k = 2 exceeds the kernel's rank 1", "smaller --k"]),
+    ("ev k above kernel rank", edit_masks(rank_one_student), EV, eval_args,
+     ["dpp_node", "k = 2 exceeds the kernel's rank 1", "smaller --k"]),
     ("ev masks missing", None, EV, lambda d: eval_args(d, "student_masks_x_3_1.pkl"),
      ["masks file", "--procedure pruning first"]),
     ("ev teacher missing", lambda d: os.remove(os.path.join(d, "teacher.pkl")), EV, eval_args,

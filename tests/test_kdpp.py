@@ -84,7 +84,7 @@ def test_rank_below_k_raises():
     kdpp = KDPP(L)
     with pytest.raises(KDPPError, match=r"k = 4 exceeds the kernel's rank 3"):
         kdpp.sample(4, np.random.default_rng(0))
-    with pytest.raises(KDPPError, match="rank is below k"):
+    with pytest.raises(KDPPError, match=r"k = 4 exceeds the kernel's rank 3"):
         exact_subset_probabilities(L, 4)
 
 
