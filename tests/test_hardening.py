@@ -333,6 +333,13 @@ BAD_INPUTS = [
      ["dpp_node", "k = 2 exceeds the kernel's rank 1", "smaller --k"]),
     ("ev k above kernel rank", edit_masks(rank_one_student), EV, eval_args,
      ["dpp_node", "k = 2 exceeds the kernel's rank 1", "smaller --k"]),
+    ("pr abbreviated flag", None, TS,
+     lambda d: prune_args(d)[:-2] + ["--num_mask", 10], ["unrecognized arguments: --num_mask"]),
+    ("te abbreviated flag", None, TS, lambda d: args_testing(d, "dpp_node", NODE_K, "--reweight", 1),
+     ["unrecognized arguments: --reweight"]),
+    ("ev abbreviated flag", None, EV, lambda d: eval_args(d, MASKS, "--thresh", 0.5),
+     ["unrecognized arguments: --thresh"]),
+    ("td abbreviated flag", None, TD, lambda d: td_args(d, "--sig", 0.1), ["unrecognized arguments: --sig"]),
     ("ev masks missing", None, EV, lambda d: eval_args(d, "student_masks_x_3_1.pkl"),
      ["masks file", "--procedure pruning first"]),
     ("ev teacher missing", lambda d: os.remove(os.path.join(d, "teacher.pkl")), EV, eval_args,
@@ -377,6 +384,19 @@ def test_bad_inputs_through_the_real_scripts(root, good, tmp_path):
         proc = run_script(root, d, TD, *td_args(d, "--device", "cuda"))
         assert_one_line_error(proc.returncode, proc.stderr, "--device cuda", "--device cpu")
     assert snapshot(d) == before
+
+
+@pytest.mark.parametrize("script,argv", [("demo.py", ["--num_mask", "10"]),
+                                         ("reproduce.py", ["--student", "3"]),
+                                         ("benchmarks/run.py", ["--scal", "paper"])])
+def test_abbreviated_flags_are_refused_by_the_other_scripts(root, tmp_path, script, argv):
+    """argparse's prefix matching is off everywhere: a prefix of a flag is an error, before
+    any work (the folder stays empty)."""
+    proc = run_script(root, tmp_path, script, *argv)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert f"unrecognized arguments: {' '.join(argv)}" in proc.stderr
+    assert os.listdir(tmp_path) == []
 
 
 # ----------------------------------------------------------------------------------------
