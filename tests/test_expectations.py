@@ -13,10 +13,10 @@ import pytest
 import expectations
 import workflow
 from data import generate_teacher
-from dpp_sample_ts import (KDPP, exact_subset_probabilities, importance_node_keep, node_kernel,
-                           normalise_rows)
+from dpp_sample_ts import (KDPP, KDPPError, exact_subset_probabilities, importance_node_keep,
+                           node_kernel, normalise_rows)
 from mask_marginals import BernoulliMarginals, KDPPMarginals, kdpp_eigen_ratios
-from order_params import order_parameters
+from order_params import gaussian_moment, order_parameters
 
 N, P, K = 40, 64000, 6
 Z = 4.5            # standard errors allowed between a sampled mean and its expectation
@@ -171,9 +171,63 @@ def test_importance_edge_expectation_is_its_one_mask(trained):
                                         rel=1e-12)
 
 
-def test_edge_reweighting_has_no_expectation(trained):
+def test_importance_edge_reweighted_expectation_is_its_one_refit_mask(trained):
+    """Its mask and refit are deterministic: the expectation is the predicted loss of the
+    refit student that testing builds from the pruner's one mask."""
+    teacher, student, hgram = trained
+    found = workflow.expected_test_loss(teacher, student, "importance_edge", 12, True)
+    assert found.kind == "exact" and found.sd == 0.0
+    refit = sampled(teacher, student, hgram, "importance_edge", 12, True, 1)[0]
+    plain = sampled(teacher, student, hgram, "importance_edge", 12, False, 1)[0]
+    assert found.value == pytest.approx(float(refit), rel=1e-12)
+    assert abs(refit - plain) > 1e-3 * plain                 # the refit did change the loss
+
+
+@pytest.mark.parametrize("choice", ["dpp_edge", "random_edge"])
+def test_random_edge_masks_with_reweighting_have_no_expectation(trained, choice):
     teacher, student, _ = trained
-    assert workflow.expected_test_loss(teacher, student, "dpp_edge", 10, True) is None
+    assert workflow.expected_test_loss(teacher, student, choice, 10, True) is None
+
+
+def rank_two_student(num_nodes=K, n=N, seed=0):
+    """w1 (K, N) whose rows span two directions, rows of norm sqrt(N), and v (K,)."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.normal(size=(num_nodes, 2)) @ rng.normal(size=(2, n))
+    return normalise_rows(w1), rng.normal(size=num_nodes)
+
+
+@pytest.mark.parametrize("exactly_singular", [False, True])
+def test_dpp_node_expectation_refuses_k_above_the_kernel_rank(exactly_singular):
+    """The sampler refuses k = 3 for a rank-2 kernel; so must the expectation, with the same
+    error and message, instead of probabilities made of rounding noise (or NaN when the
+    kernel is exactly singular)."""
+    w1, v = rank_two_student()
+    if exactly_singular:
+        w1[2:] = w1[:1]                                  # rows 2.. repeat row 0: rank 2 exactly
+    w_star = np.random.default_rng(1).normal(size=(2, N))
+    kernel = node_kernel(w1, np.eye(N))
+    with pytest.raises(KDPPError) as drawn:
+        KDPP(kernel).sample(3, np.random.default_rng(0))
+    with pytest.raises(KDPPError) as expected:
+        expectations.expectation("dpp_node", 3, w1, v, w_star, np.ones(2), np.eye(N))
+    assert str(expected.value) == str(drawn.value)
+    assert "k = 3 exceeds the kernel's rank 2" in str(drawn.value)
+    assert expectations.expectation("dpp_node", 2, w1, v, w_star, np.ones(2),
+                                    np.eye(N)).kind == "exact"
+
+
+def test_kdpp_marginals_refuse_k_above_the_kernel_rank():
+    """mask_marginals answers a k above the rank with the sampler's KDPPError and message."""
+    w = np.random.default_rng(2).normal(size=(N, 3))
+    kdpp = KDPP(w @ w.T)                                                     # rank 3
+    with pytest.raises(KDPPError) as drawn:
+        kdpp.sample(4, np.random.default_rng(0))
+    with pytest.raises(KDPPError) as marginal:
+        KDPPMarginals(kdpp, 4)
+    assert str(marginal.value) == str(drawn.value)
+    with pytest.raises(KDPPError, match="k = 4 exceeds the kernel's rank 3"):
+        expectations.edge_expectation("dpp_edge", 4, w.T, np.ones(3), w[:, :2].T, np.ones(2),
+                                      kernels=[kdpp] * 3)
 
 
 def test_random_edge_closed_form_is_the_first_order_value(trained):
@@ -202,12 +256,16 @@ def test_rescaled_order_parameters_are_those_of_rescaled_rows():
     np.testing.assert_allclose(got_r, r1, rtol=1e-12)
 
 
-def test_analytic_hidden_gram_is_the_large_sample_limit(trained):
+def test_hidden_gram_tends_to_its_gaussian_limit(trained):
+    """workflow.hidden_gram A^T A / P against <g(λ_i) g(λ_j)> over Gaussian inputs, from Q
+    alone (I2 of NOTES.md), the value it tends to as P grows."""
     teacher, student, hgram = trained
     w1 = student.w1.weight.detach().double().numpy()
     q, _, _ = order_parameters(w1, teacher.w1.numpy())
+    d = np.diag(q)
+    limit = gaussian_moment(q, d[:, None], d[None, :])                       # (K, K)
     # entries are means of products of bounded activations: O(1/sqrt(P)) sampling error
-    np.testing.assert_allclose(expectations.analytic_hidden_gram(q), hgram, atol=6 / np.sqrt(P))
+    np.testing.assert_allclose(limit, hgram, atol=6 / np.sqrt(P))
 
 
 @pytest.mark.parametrize("w2,k", [([0.5, -2.0, 1.0, -0.1, 3.0, 0.7], 2),

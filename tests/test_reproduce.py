@@ -32,8 +32,8 @@ def test_results_csv_has_one_row_per_cell_and_round(smoke_run):
     for row in rows:
         assert 0 < float(row["fraction_kept"]) <= 1
         assert float(row["test_loss"]) > 0 and float(row["predicted_loss"]) > 0
-        edge_rw = row["method"].endswith("_edge") and row["reweighting"] == "1"
-        assert math.isnan(float(row["expected"])) == edge_rw
+        random_edge_rw = row["method"] in ("dpp_edge", "random_edge") and row["reweighting"] == "1"
+        assert math.isnan(float(row["expected"])) == random_edge_rw
 
 
 def test_interrupted_sweep_resumes_without_redoing_cells(tmp_path, monkeypatch):
