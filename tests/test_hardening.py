@@ -399,6 +399,31 @@ def test_abbreviated_flags_are_refused_by_the_other_scripts(root, tmp_path, scri
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("rescale", [1, 0])
+def test_testing_reports_the_loss_as_trained_beside_the_rescaled_one(good, tmp_path, rescale):
+    """The unpruned student of --rescale 1 has rescaled rows; testing keeps its line and adds
+    the student's loss as trained (the loss training printed)."""
+    from models import student_from_weights
+    from workflow import rescaled, test_loss
+    d = fresh_copy(good, tmp_path)
+    assert call(TS, prune_args(d, "random_node", 1, "--rescale", rescale))[0] == 0
+    code, out, err = call(TS, args_testing(d, "random_node", 1, "--rescale", rescale))
+    assert code == 0, err
+    teacher = storage.load_pickle(os.path.join(d, "teacher.pkl"))
+    state = torch.load(os.path.join(d, WEIGHTS), weights_only=True)
+    trained = student_from_weights(state["w1.weight"].numpy(), state["w2.weight"].numpy())
+    unpruned = rescaled(trained) if rescale else trained
+    lines = out.splitlines()
+    first = lines.index(f"unpruned MLP test loss: {test_loss(teacher, unpruned)}")
+    if rescale:
+        assert lines[first + 1] == ("the rows of w1 were rescaled to norm sqrt(N) before "
+                                    "pruning (--rescale 1); test loss as trained: "
+                                    f"{test_loss(teacher, trained)}")
+        assert test_loss(teacher, trained) != test_loss(teacher, unpruned)
+    else:
+        assert lines[first + 1].startswith("pruned MLP avg. test loss:")
+
+
 # ----------------------------------------------------------------------------------------
 # Reproducibility
 
