@@ -42,9 +42,12 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with every default in --help and errors that point to --help."""
+    """argparse with every default in --help, errors that point to --help, and no
+    abbreviated flags: a typo such as --num_mask is refused instead of being read as
+    --num_masks (or as whichever flag it happens to prefix)."""
 
     def __init__(self, *args, **kwargs):
+        kwargs["allow_abbrev"] = False
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 

@@ -32,7 +32,7 @@ def run(args, cwd):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--out", default="demo_out", help="working folder (default: demo_out)")
     parser.add_argument("--input_dim", type=int, default=100)
     parser.add_argument("--num_data", type=int, default=160000)

@@ -217,7 +217,11 @@ class KDPP:
         """Number of nonzero eigenvalues after rounding-level ones are set to zero."""
         return int(self._support.size)
 
-    def _check_k(self, k):
+    def check_k(self, k):
+        """k as an int, or KDPPError if no k-subset can be drawn: k outside 0..n, or above
+        the rank (every k-subset then has probability zero). The one rank check of this
+        k-DPP, shared by its draws, its exact subset probabilities (dpp_node expectations)
+        and its inclusion probabilities (mask_marginals)."""
         k = operator.index(k)
         if not 0 <= k <= self.n:
             raise KDPPError(f"k = {k} is outside 0..n = 0..{self.n}.")
@@ -233,7 +237,7 @@ class KDPP:
 
     def sample(self, k, rng):
         """One draw: sorted (k,) int64 indices; rng a numpy Generator."""
-        k = self._check_k(k)
+        k = self.check_k(k)
         if k == 0:
             return np.empty(0, dtype=np.int64)
         u = rng.random(self.rank)  # (r,)
@@ -253,7 +257,7 @@ class KDPP:
 
     def sample_many(self, k, num, rng):
         """num independent draws -> (num, k) int64, each row sorted."""
-        k = self._check_k(k)
+        k = self.check_k(k)
         out = np.empty((num, k), dtype=np.int64)
         for i in range(num):
             out[i] = self.sample(k, rng)
@@ -273,8 +277,7 @@ def exact_subset_probabilities(L, k):
     rounding leaves slightly negative count as zero.
     """
     L = np.asarray(L, dtype=np.float64)
-    if np.linalg.matrix_rank(L, hermitian=True) < k:
-        raise KDPPError(f"every {k}-subset has determinant zero: the kernel's rank is below k.")
+    KDPP(L).check_k(k)
     subsets = list(itertools.combinations(range(L.shape[0]), k))
     idx = np.array(subsets, dtype=np.int64).reshape(len(subsets), k)  # (s, k)
     dets = np.maximum(np.linalg.det(L[idx[:, :, None], idx[:, None, :]]), 0.0)  # (s,)

@@ -21,16 +21,18 @@ corrected one closer (tests and the sweep measure both against sampled masks). C
 are exact except one term of Var(Q'_ij), i != j: Σ_{a != b} C_i(a,b) C_j(a,b) w_ia w_ja w_ib w_jb
 / N², a product of two nodes' off-diagonal mask covariances, each O(1/N) per pair, which is
 O(1/N) relative to the terms kept and is dropped (it is zero for random_edge). With edge
-reweighting the refit is not linear in the mask; no expectation is given for it here.
+reweighting the refit is not linear in the mask; no expectation is given for it here, except
+for importance_edge, whose one deterministic mask and refit give ε_g exactly.
 """
 import itertools
 from dataclasses import dataclass
 
 import numpy as np
 
-from dpp_sample_ts import edge_kernel, importance_node_keep, node_kernel, sampler, solve_psd
+from dpp_sample_ts import (PRUNERS, edge_kernel, importance_node_keep, node_kernel,
+                           reweight_edges, sampler, solve_psd)
 from mask_marginals import BernoulliMarginals, FixedMarginals, KDPPMarginals
-from order_params import gaussian_moment, generalisation_error, random_edge_expected
+from order_params import generalisation_error, order_parameters, random_edge_expected
 
 NODE_METHODS = ("dpp_node", "random_node", "importance_node")
 EDGE_METHODS = ("dpp_edge", "random_edge", "importance_edge")
@@ -61,14 +63,6 @@ def rescale_order_parameters(q, r):
     return q * np.outer(scale, scale), np.asarray(r, dtype=np.float64) * scale[:, None]
 
 
-def analytic_hidden_gram(q, nonlinearity="sigmoid"):
-    """<g(λ_i) g(λ_j)> (K, K) over Gaussian inputs, from Q alone (I2 of NOTES.md): what
-    the hidden-activation Gram matrix A^T A / P of node reweighting tends to as P grows."""
-    q = np.asarray(q, dtype=np.float64)
-    d = np.diag(q)
-    return gaussian_moment(q, d[:, None], d[None, :], nonlinearity)
-
-
 # ----------------------------------------------------------------------------------------
 # Node methods
 
@@ -79,14 +73,18 @@ def all_subsets(num_nodes, k):
 
 
 def node_subset_probabilities(method, subsets, kernel=None, v=None, importance_rule="magnitude"):
-    """P(S) (C,) of every row of subsets (C, k) under a node method."""
+    """P(S) (C,) of every row of subsets (C, k) under a node method; `kernel` (K, K) or its
+    KDPP sampler for dpp_node, which refuses (KDPPError, as its draws do) a k above the
+    kernel's numerical rank, where every det(L_S) would be rounding noise."""
     num, k = subsets.shape
     if method == "random_node":
         return np.full(num, 1.0 / num)
     if method == "dpp_node":
         if kernel is None:
             raise ValueError("dpp_node needs its kernel L = W G W^T")
-        kernel = np.asarray(kernel, dtype=np.float64)
+        kdpp = sampler(kernel)
+        kdpp.check_k(k)
+        kernel = kdpp.eigvecs @ (kdpp.eigvals[:, None] * kdpp.eigvecs.T)     # (K, K), as drawn
         blocks = kernel[subsets[:, :, None], subsets[:, None, :]]             # (C, k, k)
         dets = np.maximum(np.linalg.det(blocks), 0.0)
         return dets / dets.sum()
@@ -163,6 +161,21 @@ def expected_node_loss(method, k, q, r, t, v, v_star, kernel=None, hidden_gram=N
 # ----------------------------------------------------------------------------------------
 # Edge methods
 
+def importance_edge_mask(w1, k):
+    """The one mask (N, K) bool that the importance_edge pruner draws for w1 (K, N)."""
+    return PRUNERS["importance_edge"].draw(w1, None, None, k, 1, None)[0]
+
+
+def importance_edge_reweighted(k, w1, w2, w_star, v_star, gram, nonlinearity="sigmoid"):
+    """ε_g of importance_edge with edge reweighting, exactly: its mask is deterministic, so
+    is the refit (dpp_sample_ts.reweight_edges), and ε_g follows from the refit student's
+    order parameters. w1 (K, N), w2 (K,), w_star (M, N), v_star (M,), gram (N, N)."""
+    refit = reweight_edges(w1, importance_edge_mask(w1, k), gram)                # (K, N)
+    q, r, t = order_parameters(refit, w_star)
+    value = float(generalisation_error(q, r, t, np.ravel(w2), v_star, nonlinearity))
+    return Expectation(value, "exact", value, 0.0)
+
+
 def edge_marginals(method, k, w1, gram=None, kernels=None):
     """The mask distribution of every hidden node: a list of K marginals objects; `kernels`
     (dpp_edge): the nodes' kernels or their KDPP samplers, else built from w1 and gram."""
@@ -171,10 +184,7 @@ def edge_marginals(method, k, w1, gram=None, kernels=None):
     if method == "random_edge":
         return [BernoulliMarginals(k / n, n) for _ in range(num_nodes)]
     if method == "importance_edge":
-        top = np.argsort(-np.abs(w1), axis=1, kind="stable")[:, :k]
-        masks = np.zeros(w1.shape, dtype=bool)
-        np.put_along_axis(masks, top, True, axis=1)
-        return [FixedMarginals(m) for m in masks]
+        return [FixedMarginals(m) for m in importance_edge_mask(w1, k).T]
     if method == "dpp_edge":
         return [KDPPMarginals(sampler(edge_kernel(w1[i], gram) if kernels is None
                                       else kernels[i]), k) for i in range(num_nodes)]
@@ -282,7 +292,8 @@ def expectation(method, k, w1, w2, w_star, v_star, gram, reweighting=False, hidd
                 importance_rule="magnitude", nonlinearity="sigmoid", kernels=None):
     """Expected ε_g over the masks that `method` draws with budget k for the student w1
     (K, N), w2 (K,) as it is pruned (already rescaled if pruning rescales). Returns an
-    Expectation, or None for edge methods with reweighting (no expectation is derived)."""
+    Expectation, or None for dpp_edge and random_edge with reweighting (no expectation is
+    derived: their refit is not linear in the random mask)."""
     w1 = np.asarray(w1, dtype=np.float64)
     w_star = np.asarray(w_star, dtype=np.float64)
     n = w1.shape[1]
@@ -292,6 +303,8 @@ def expectation(method, k, w1, w2, w_star, v_star, gram, reweighting=False, hidd
         kernel = node_kernel(w1, gram) if method == "dpp_node" else None
         return node_expectation(method, k, q, r, t, w2, v_star, kernel, hidden_gram,
                                 reweighting, importance_rule, nonlinearity)
+    if reweighting and method == "importance_edge":
+        return importance_edge_reweighted(k, w1, w2, w_star, v_star, gram, nonlinearity)
     if reweighting:
         return None
     return edge_expectation(method, k, w1, w2, w_star, v_star, gram, kernels, nonlinearity)

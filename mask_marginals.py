@@ -117,9 +117,11 @@ def kdpp_eigen_ratios(eigvals, k):
 
 class KDPPMarginals:
     """The k-DPP of one node's dpp_edge kernel, given its KDPP sampler (same eigenvalues,
-    rounding-level ones set to zero, as the draws use)."""
+    rounding-level ones set to zero, as the draws use). A k the sampler refuses (above the
+    kernel's rank) raises the sampler's KDPPError."""
 
     def __init__(self, kdpp: KDPP, k):
+        k = kdpp.check_k(k)
         support = kdpp.eigvals > 0
         lam = kdpp.eigvals[support]                                          # (r,)
         self.v = np.ascontiguousarray(kdpp.eigvecs[:, support])              # (N, r)

@@ -335,6 +335,8 @@ def run_pruning(args, teacher):
     except KDPPError as e:
         raise cli.UserError(f"--k {args.k} cannot be drawn by {args.pruning_choice} for this "
                             f"student ({str(e).rstrip('.')}); use a smaller --k") from None
+    if args.rescale:        # testing reports it beside the rescaled student's loss
+        masks.trained_test_loss = workflow.test_loss(teacher, student)
     cli.log.info(f"{args.num_masks} {args.pruning_choice} masks (k = {args.k}) drawn in "
                  f"{time.time() - start:.1f} s")
     save_pickle((unpruned, masks), out)
@@ -356,6 +358,12 @@ def run_testing(args, teacher):
         bar.update()
     losses = result.losses
     cli.log.info(f"unpruned MLP test loss: {result.unpruned_loss}")
+    if args.rescale:                # load_masks checked that the masks were made so
+        trained = getattr(masks, "trained_test_loss", None)
+        cli.log.info("the rows of w1 were rescaled to norm sqrt(N) before pruning "
+                     "(--rescale 1); test loss as trained: "
+                     + (f"{trained}" if trained is not None
+                        else "not recorded in this masks file (prune again to record it)"))
     cli.log.info(f"pruned MLP avg. test loss: {losses.mean()}")
     cli.log.info(f"over {len(losses)} masks{' with reweighting' if args.reweighting else ''}: "
                  f"std {losses.std():.6g}, min {losses.min():.6g}, max {losses.max():.6g}")
@@ -366,11 +374,18 @@ def expectation_line(teacher, student, masks, reweighting, hgram=None):
     """One line: the expected test loss over the mask distribution of this pruning run
     beside what its masks gave (the measured mean has test-set and mask-sampling noise)."""
     import workflow
-    found = workflow.expected_test_loss(teacher, student, masks.choice, masks.k, reweighting,
-                                        hgram, getattr(masks, "importance_rule", "magnitude"))
+    from dpp_sample_ts import KDPPError
+    try:
+        found = workflow.expected_test_loss(teacher, student, masks.choice, masks.k,
+                                            reweighting, hgram,
+                                            getattr(masks, "importance_rule", "magnitude"))
+    except KDPPError as e:
+        raise cli.UserError(f"the expected test loss of {masks.choice} with k = {masks.k} does "
+                            f"not exist for this student ({str(e).rstrip('.')}); prune with a "
+                            "smaller --k") from None
     if found is None:
-        return ("expected test loss over the mask distribution: not derived for edge methods "
-                "with reweighting")
+        return ("expected test loss over the mask distribution: not derived for dpp_edge and "
+                "random_edge with reweighting")
     how = ("exact" if found.kind == "exact"
            else f"delta method; {found.first_order:.6g} at the expected order parameters")
     return (f"expected test loss over the mask distribution: {found.value:.6g} ({how}; "

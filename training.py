@@ -10,8 +10,10 @@ networks evaluated at once. Per sample x (N,) with label y:
 Both gradients are taken at the weights before the step, as autograd does; with momentum the
 torch SGD rule applies (buf = momentum * buf + grad; p -= lr * buf), without it the first layer
 steps as w1_i -= (lr * delta * w2_i * g'(lam_i)) * x. The per-sample loop is a numba kernel over
-float64 weights that reads x as stored (float32); results are bitwise reproducible (no
-fastmath, no threads, fixed summation order) and do not depend on the chunking.
+float64 weights that reads x as stored (float32). What is fixed is the order of every sum (no
+fastmath, so no reassociation; no threads): on one machine the weights are bitwise
+reproducible and do not depend on the chunking. erf and exp come from the platform's libm or
+the compiler's intrinsics, so another CPU or numba/LLVM version may round them differently.
 """
 import math
 
@@ -41,10 +43,12 @@ def nonlinearity_code(name):
 # running sum is one long chain of dependent additions. The loop below keeps LANES = 16
 # independent partial sums instead, in a scratch array acc (16,): element n of each block of
 # 16 goes to acc[n % 16]; the partial sums are then added in a fixed pairwise order and the
-# tail (N % 16 elements) one at a time. No sum is ever reassociated, so the result depends
-# neither on the CPU nor on compiler flags. The loop over a block reads its length from acc
-# at run time: the compiler then vectorises it across the 16 independent sums (as it may, since
-# they do not interact) instead of unrolling it into scalar code, about twice as fast.
+# tail (N % 16 elements) one at a time. No sum is ever reassociated: the order of summation
+# is fixed by the code, whatever the compiler does. The loop over a block reads its length
+# from acc at run time: the compiler then vectorises it across the 16 independent sums (as it
+# may, since they do not interact) instead of unrolling it into scalar code. Measured on the
+# training kernel (N = 500, K = 6, 200,000 samples, best of 3, load average 2.0 on 2 cores):
+# 0.21 s with the run-time bound, 0.40 s with the constant bound LANES; bitwise equal weights.
 LANES = 16
 
 
@@ -59,7 +63,7 @@ def _combine(acc):
     return (r0 + r1) + (r2 + r3)
 
 
-@numba.njit(cache=True, fastmath=False, nogil=True, inline="always")
+@numba.njit(cache=True, fastmath=False, nogil=True)
 def _entry(w, a, x_old, i, update):
     """w[i], after w[i] -= a * x_old[i] in place when `update` is set."""
     if update:

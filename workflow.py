@@ -161,7 +161,8 @@ def expected_test_loss(teacher, student, choice, k, reweighting=False, hgram=Non
     """The exact (node methods) or delta-method (edge methods) expected test loss over the
     masks that `choice` draws with budget k from `student` as pruned (already rescaled if
     pruning rescales): an expectations.Expectation with σ²/2 added to its value and first
-    order, or None where no expectation is derived (edge methods with reweighting)."""
+    order, or None where no expectation is derived (dpp_edge and random_edge with
+    reweighting)."""
     w1 = student.w1.weight.detach().double().numpy()
     w2 = student.w2.weight.detach().double().numpy().ravel()
     if reweighting and PRUNERS[choice].granularity == "node" and hgram is None:

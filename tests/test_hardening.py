@@ -158,6 +158,14 @@ def mkdir(name):
     return lambda d: os.makedirs(os.path.join(d, name))
 
 
+def rank_one_student(student, masks):
+    """Every hidden node of the masks file's student made ± the first (rows keep their
+    norm): its dpp_node kernel W G W^T has rank 1, below the masks' k = NODE_K."""
+    w = student.w1.weight.data                                               # (K, N)
+    signs = 1.0 - 2.0 * (torch.arange(len(w)) % 2)                            # (K,) ±1
+    w.copy_(signs[:, None] * w[:1])
+
+
 def other_student(d):
     """Replace the trained student by one trained from another --seed."""
     os.makedirs(os.path.join(d, "other"))
@@ -321,6 +329,17 @@ BAD_INPUTS = [
     ("te nonlinearity differs", None, TS, lambda d: args_testing(d, "dpp_node", NODE_K,
                                                                "--nonlinearity", "relu"),
      ["masks file", "relu"]),
+    ("te k above kernel rank", edit_masks(rank_one_student), TS, args_testing,
+     ["dpp_node", "k = 2 exceeds the kernel's rank 1", "smaller --k"]),
+    ("ev k above kernel rank", edit_masks(rank_one_student), EV, eval_args,
+     ["dpp_node", "k = 2 exceeds the kernel's rank 1", "smaller --k"]),
+    ("pr abbreviated flag", None, TS,
+     lambda d: prune_args(d)[:-2] + ["--num_mask", 10], ["unrecognized arguments: --num_mask"]),
+    ("te abbreviated flag", None, TS, lambda d: args_testing(d, "dpp_node", NODE_K, "--reweight", 1),
+     ["unrecognized arguments: --reweight"]),
+    ("ev abbreviated flag", None, EV, lambda d: eval_args(d, MASKS, "--thresh", 0.5),
+     ["unrecognized arguments: --thresh"]),
+    ("td abbreviated flag", None, TD, lambda d: td_args(d, "--sig", 0.1), ["unrecognized arguments: --sig"]),
     ("ev masks missing", None, EV, lambda d: eval_args(d, "student_masks_x_3_1.pkl"),
      ["masks file", "--procedure pruning first"]),
     ("ev teacher missing", lambda d: os.remove(os.path.join(d, "teacher.pkl")), EV, eval_args,
@@ -365,6 +384,44 @@ def test_bad_inputs_through_the_real_scripts(root, good, tmp_path):
         proc = run_script(root, d, TD, *td_args(d, "--device", "cuda"))
         assert_one_line_error(proc.returncode, proc.stderr, "--device cuda", "--device cpu")
     assert snapshot(d) == before
+
+
+@pytest.mark.parametrize("script,argv", [("demo.py", ["--num_mask", "10"]),
+                                         ("reproduce.py", ["--student", "3"]),
+                                         ("benchmarks/run.py", ["--scal", "paper"])])
+def test_abbreviated_flags_are_refused_by_the_other_scripts(root, tmp_path, script, argv):
+    """argparse's prefix matching is off everywhere: a prefix of a flag is an error, before
+    any work (the folder stays empty)."""
+    proc = run_script(root, tmp_path, script, *argv)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert f"unrecognized arguments: {' '.join(argv)}" in proc.stderr
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("rescale", [1, 0])
+def test_testing_reports_the_loss_as_trained_beside_the_rescaled_one(good, tmp_path, rescale):
+    """The unpruned student of --rescale 1 has rescaled rows; testing keeps its line and adds
+    the student's loss as trained (the loss training printed)."""
+    from models import student_from_weights
+    from workflow import rescaled, test_loss
+    d = fresh_copy(good, tmp_path)
+    assert call(TS, prune_args(d, "random_node", 1, "--rescale", rescale))[0] == 0
+    code, out, err = call(TS, args_testing(d, "random_node", 1, "--rescale", rescale))
+    assert code == 0, err
+    teacher = storage.load_pickle(os.path.join(d, "teacher.pkl"))
+    state = torch.load(os.path.join(d, WEIGHTS), weights_only=True)
+    trained = student_from_weights(state["w1.weight"].numpy(), state["w2.weight"].numpy())
+    unpruned = rescaled(trained) if rescale else trained
+    lines = out.splitlines()
+    first = lines.index(f"unpruned MLP test loss: {test_loss(teacher, unpruned)}")
+    if rescale:
+        assert lines[first + 1] == ("the rows of w1 were rescaled to norm sqrt(N) before "
+                                    "pruning (--rescale 1); test loss as trained: "
+                                    f"{test_loss(teacher, trained)}")
+        assert test_loss(teacher, trained) != test_loss(teacher, unpruned)
+    else:
+        assert lines[first + 1].startswith("pruned MLP avg. test loss:")
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,9 +1,15 @@
 """Exact k-DPP sampler: draws against brute-force enumeration, rounding, failures."""
 
+import json
+import os
+import platform
+import subprocess
+import sys
 from collections import Counter
 
 import numpy as np
 import pytest
+import threadpoolctl
 from scipy import stats
 from scipy.special import gammaln
 
@@ -84,7 +90,7 @@ def test_rank_below_k_raises():
     kdpp = KDPP(L)
     with pytest.raises(KDPPError, match=r"k = 4 exceeds the kernel's rank 3"):
         kdpp.sample(4, np.random.default_rng(0))
-    with pytest.raises(KDPPError, match="rank is below k"):
+    with pytest.raises(KDPPError, match=r"k = 4 exceeds the kernel's rank 3"):
         exact_subset_probabilities(L, 4)
 
 
@@ -235,3 +241,40 @@ def test_exact_inclusion_probabilities_sum_to_k():
     L = spectral_kernel(np.geomspace(0.1, 10.0, 9), seed=18)
     for k in range(10):
         assert exact_inclusion_probabilities(L, k).sum() == pytest.approx(k)
+
+
+DRAW_SCRIPT = """
+import json
+import numpy as np
+import threadpoolctl
+from dpp_sample_ts import KDPP, edge_kernel
+rng = np.random.default_rng(0)
+n = 100
+g = rng.normal(size=(n, 4 * n))
+gram = g @ g.T / (4 * n)                            # (n, n) ~ I, as a Gram matrix of inputs
+draws = []
+for i in range(4):
+    kdpp = KDPP(edge_kernel(rng.normal(size=n), gram))
+    draws.append(kdpp.sample_many(16, 50, np.random.default_rng(i)))
+blas = [x.get("architecture") for x in threadpoolctl.threadpool_info() if x["user_api"] == "blas"]
+print(json.dumps(dict(draws=np.stack(draws).tolist(), blas=blas)))
+"""
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or not any(
+    x["internal_api"] == "openblas" for x in threadpoolctl.threadpool_info()),
+    reason="simulates other x86 CPUs through OpenBLAS's OPENBLAS_CORETYPE")
+def test_dpp_edge_draws_do_not_depend_on_the_blas_kernels(root):
+    """The same kernels' draws under OpenBLAS's Haswell and Prescott kernels (as on two other
+    CPUs) with one and two BLAS threads: the eigendecompositions may differ in the last bits,
+    the draws must not."""
+    runs = []
+    for coretype, threads in (("Haswell", "2"), ("Prescott", "1")):
+        env = dict(os.environ, OPENBLAS_CORETYPE=coretype, OPENBLAS_NUM_THREADS=threads,
+                   OMP_NUM_THREADS=threads)
+        proc = subprocess.run([sys.executable, "-c", DRAW_SCRIPT], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        runs.append(json.loads(proc.stdout))
+    assert runs[0]["blas"] != runs[1]["blas"]              # the two kernels were in use
+    assert runs[0]["draws"] == runs[1]["draws"]

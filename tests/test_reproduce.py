@@ -3,6 +3,7 @@ sampled masks, the claims, and every notebook on the smoke preset."""
 import csv
 import json
 import math
+import shutil
 
 import nbformat
 import numpy as np
@@ -33,8 +34,8 @@ def test_results_csv_has_one_row_per_cell_and_round(smoke_run):
     for row in rows:
         assert 0 < float(row["fraction_kept"]) <= 1
         assert float(row["test_loss"]) > 0 and float(row["predicted_loss"]) > 0
-        edge_rw = row["method"].endswith("_edge") and row["reweighting"] == "1"
-        assert math.isnan(float(row["expected"])) == edge_rw
+        underived = row["method"] in ("dpp_edge", "random_edge") and row["reweighting"] == "1"
+        assert math.isnan(float(row["expected"])) == underived
 
 
 def test_interrupted_sweep_resumes_without_redoing_cells(tmp_path, monkeypatch):
@@ -146,6 +147,21 @@ def test_claims_table_pairs_students(three_students):
     d = [pick[(s, "dpp_node")] - pick[(s, "random_node")] for s in "012"]
     assert float(row["mean_difference"]) == pytest.approx(np.mean(d), rel=1e-9)
     assert int(row["agree"]) == sum(x < 0 for x in d)
+
+
+def test_claims_are_judged_on_the_students_asked_for(three_students, tmp_path, capsys):
+    """A run with --students 2 in a folder of three judges the claims on students 0 and 1,
+    and its summary line says so."""
+    out = tmp_path / "run"
+    shutil.copytree(three_students[0], out)
+    reproduce.main(["--preset", "smoke", "--out", str(out), "--methods",
+                    "dpp_node,random_node,random_edge,dpp_edge", "--rounds", "1", "--students", "2"])
+    with open(out / "claims.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(r["students"] == "2" for r in rows)
+    assert "claims on 2 student(s): " in capsys.readouterr().out
+    with open(out / "expectations.csv") as f:
+        assert {r["student"] for r in csv.DictReader(f)} == {"0", "1", "2"}
 
 
 def test_paired_interval_and_verdicts():
