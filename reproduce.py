@@ -190,8 +190,9 @@ def _run(study, recorded, out, methods, pool, keep_data):
     tables.write()
     # claims are judged on the students this run asked for (--students), even where the
     # folder holds more; the tables keep every student
-    rows = claims.evaluate([r for r in tables.expectation_rows() if r["student"] < students],
-                           [r for r in tables.result_rows() if r["student"] < students])
+    rows = claims.evaluate(
+        [r for r in tables.expectation_rows() if r["student"] < study.students],
+        [r for r in tables.result_rows() if r["student"] < study.students])
     write_csv(os.path.join(out, "claims.csv"), claims.CLAIM_COLUMNS, rows)
     with atomic_open(os.path.join(out, "claims.md"), "w") as f:
         f.write(claims.markdown(rows, studies.record(recorded), time.strftime("%Y-%m-%d")))
@@ -211,7 +212,7 @@ def main(argv=None):
         raise cli.UserError(str(e)) from None
     counts = collections.Counter(r["verdict"].split(" at ")[0] for r in rows)
     cli.log.info(f"results written to {os.path.join(out, 'results.csv')}; claims on "
-                 f"{args.students} student(s): "
+                 f"{study.students} student(s): "
                  + ", ".join(f"{n} {v}" for v, n in sorted(counts.items()))
                  + f" (table: {os.path.join(out, 'claims.md')}); {time.time() - start:.0f} s")
 

@@ -135,7 +135,7 @@ def test_claims_table_pairs_students(three_students):
         rows = list(csv.DictReader(f))
     assert rows and all(r["students"] == "3" for r in rows)
     assert (out / "claims.md").read_text().startswith(
-        "# Claims of the smoke preset: N = 20, P = 32000, 3 students, seed ")
+        "# Claims of study 'smoke': N = 20, P = 32000, 3 students, seed ")
     with open(out / "expectations.csv") as f:
         exp = list(csv.DictReader(f))
     assert set(exp[0]) == set(EXPECTATION_COLUMNS)
