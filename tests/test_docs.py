@@ -63,10 +63,10 @@ def test_a_folder_without_a_run_is_one_sentence(tmp_path):
 
 def test_claims_md_names_its_run_and_uses_one_vocabulary():
     rows = pd.read_csv(os.path.join(FIXTURE, "claims.csv")).to_dict("records")
-    record = dict(preset="paper", input_dim=500, num_data=800000, seed=3)
+    record = dict(name="paper", input_dim=500, num_data=800000, seed=3)
     text = claims.markdown(rows, record, "2030-01-31")
     first = text.splitlines()[0]
-    assert first == ("# Claims of the paper preset: N = 500, P = 800000, 2 students, seed 3, "
+    assert first == ("# Claims of study 'paper': N = 500, P = 800000, 2 students, seed 3, "
                      "run 2030-01-31")
     assert claims.run_date(text) == "2030-01-31"
     assert "not the paper-scale ones" in text           # 2 students is below the paper's 5
