@@ -241,8 +241,8 @@ def figure_node_methods(run, reweighting=0):
 def figure_heatmaps(run, method, noise=0.0, reweighting=0):
     """Figure 3: expected Q and R after pruning, block-diagonal order, across budgets."""
     panel = run.preset.panels[0]
-    ks = [c.k for c in sweep.grid(run.preset, [method])
-          if c.noise == noise and c.student_h_size == panel.student_h_size]
+    ks = list(dict.fromkeys(c.k for c in sweep.grid(run.preset, [method])
+                            if c.noise == noise and c.student_h_size == panel.student_h_size))
     fig, axes = plt.subplots(2, len(ks) + 1, figsize=(2.3 * (len(ks) + 1), 4.6), squeeze=False)
     with run.cell(noise, panel.student_h_size, method, ks[0]) as z:
         q, r = z["unpruned_q"], z["unpruned_r"]

@@ -213,6 +213,15 @@ def test_keep_data_0_removes_teachers_and_changes_no_result(three_students, tmp_
             assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-6, nan_ok=True)
 
 
+def test_heatmaps_of_several_students_show_each_budget_once(three_students):
+    import figures
+    run = figures.Run(three_students[0])
+    budgets = run.preset.panels[0].node_budgets
+    fig = figures.figure_heatmaps(run, "dpp_node")
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == ["unpruned"] + [f"k = {k}" for k in budgets]
+
+
 def test_claims_notebook_runs_on_several_students(three_students, root, monkeypatch):
     out, _ = three_students
     monkeypatch.setenv("REPRO_OUT", str(out))
