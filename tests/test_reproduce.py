@@ -178,9 +178,14 @@ def test_bad_student_count_is_one_sentence(capsys):
     assert "--students must be positive" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["1_test_loss_vs_parameters", "2_node_methods",
-                                  "3_order_parameter_heatmaps", "4_theory_vs_simulation"])
-def test_notebook_runs_on_smoke_preset(name, smoke_run, root, monkeypatch):
+@pytest.mark.parametrize("name, pngs", [
+    ("1_test_loss_vs_parameters", ["figure1_loss_vs_budget", "figure1_loss_vs_budget_reweighted"]),
+    ("2_node_methods", ["figure2_node_methods", "figure2_node_methods_reweighted"]),
+    ("3_order_parameter_heatmaps", [f"figure3_heatmaps_{m}" for m in
+                                    ("dpp_node", "random_node", "dpp_edge", "random_edge")]),
+    ("4_theory_vs_simulation", ["figure4_theory_vs_simulation",
+                                "figure4_random_edge_closed_form"])])
+def test_notebook_runs_on_smoke_preset(name, pngs, smoke_run, root, monkeypatch):
     monkeypatch.setenv("REPRO_PRESET", "smoke")
     monkeypatch.setenv("REPRO_OUT", str(smoke_run))
     nb = nbformat.read(root / "notebooks" / f"{name}.ipynb", as_version=4)
@@ -190,7 +195,9 @@ def test_notebook_runs_on_smoke_preset(name, smoke_run, root, monkeypatch):
     assert "study 'smoke'" in first
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
               if "image/png" in o.get("data", {})]
-    assert images
+    assert len(images) == len(pngs)
+    for png in pngs:                         # every figure shown is saved beside the run
+        assert (smoke_run / "figures" / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_keep_data_0_removes_teachers_and_changes_no_result(three_students, tmp_path):
