@@ -241,8 +241,8 @@ def figure_node_methods(run, reweighting=0):
 def figure_heatmaps(run, method, noise=0.0, reweighting=0):
     """Figure 3: expected Q and R after pruning, block-diagonal order, across budgets."""
     panel = run.preset.panels[0]
-    ks = [c.k for c in sweep.grid(run.preset, [method])
-          if c.noise == noise and c.student_h_size == panel.student_h_size]
+    ks = list(dict.fromkeys(c.k for c in sweep.grid(run.preset, [method])
+                            if c.noise == noise and c.student_h_size == panel.student_h_size))
     fig, axes = plt.subplots(2, len(ks) + 1, figsize=(2.3 * (len(ks) + 1), 4.6), squeeze=False)
     with run.cell(noise, panel.student_h_size, method, ks[0]) as z:
         q, r = z["unpruned_q"], z["unpruned_r"]
@@ -353,11 +353,15 @@ def _claim_grid(claims, student_h_size, teacher_h_size, value):
     return grid
 
 
-def verdict_grid(claims, student_h_size, teacher_h_size=None):
-    """One row per claim, one column per (σ, nodes): the verdict and the relative difference
-    of the means, e.g. 'holds -12%' or 'not resolved (2 students) +1%'."""
-    return _claim_grid(claims, student_h_size, teacher_h_size,
-                       lambda r: f"{claims_module.label(r.verdict)} {100 * r.relative:+.0f}%")
+def verdict_counts(claims, student_h_size, teacher_h_size=None):
+    """How many settings have each verdict, in words, e.g. '12 holds, 3 fails, 35 not
+    resolved (3 students)'."""
+    part = claims[claims.student_h_size == student_h_size]
+    if teacher_h_size is not None:
+        part = part[part.teacher_h_size == teacher_h_size]
+    words = part.verdict.map(claims_module.label)
+    order = ["holds", "fails"] + sorted(set(words) - {"holds", "fails"})
+    return ", ".join(f"{(words == w).sum()} {w}" for w in order if (words == w).any())
 
 
 VERDICT_COLOUR = {"holds": "#4c9be8", "fails": "#f28e2b", "not resolved": "#e6e6e6"}

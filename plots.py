@@ -1,4 +1,6 @@
 """Figures shared by evaluate.py and the notebooks (matplotlib, no display needed)."""
+import os
+
 import matplotlib
 
 if "inline" not in matplotlib.get_backend():     # a notebook keeps its inline figures
@@ -90,11 +92,25 @@ def _cells(matrix):
             yield (i, j), matrix[i, j]
 
 
-def save_figure(fig, path):
-    """Write a figure as PNG atomically and close it."""
+def _write_png(fig, path):
     with atomic_open(path) as f:
         fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
+
+
+def save_figure(fig, path):
+    """Write a figure as PNG atomically and close it."""
+    _write_png(fig, path)
     plt.close(fig)
+
+
+def save_beside(fig, run_or_folder, name):
+    """Write a notebook's figure as <folder>/figures/<name>.png, beside the run it was drawn
+    from, and return that path. `run_or_folder` is the folder, or an object holding it in
+    `.out` (figures.Run). The figure stays open, so the notebook still shows it."""
+    folder = os.fspath(getattr(run_or_folder, "out", run_or_folder))
+    path = os.path.join(folder, "figures", f"{name}.png")
+    _write_png(fig, path)
+    return path
 
 
 def save_heatmaps(path, panels, suptitle=None):

@@ -166,19 +166,53 @@ def test_cli_writes_the_training_curve(small_teacher, tmp_path):
     assert (tmp_path / "student_3.pth").read_bytes() == with_ode
 
 
-def test_notebook_runs_at_smoke_scale(root, tmp_path, monkeypatch):
+def run_ode_notebook(root):
+    """Execute notebook 5 in the environment set -> (text outputs of its code cells, one
+    string per cell)."""
     import nbformat
     from nbclient import NotebookClient
-    monkeypatch.setenv("ODE_SCALE", "smoke")
-    monkeypatch.setenv("ODE_OUT", str(tmp_path))
     nb = nbformat.read(root / "notebooks" / "5_ode_theory.ipynb", as_version=4)
     NotebookClient(nb, timeout=300, kernel_name="python3",
                    resources={"metadata": {"path": str(root / "notebooks")}}).execute()
-    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    return ["".join(o.get("text", "") for o in c.outputs) for c in nb.cells
+            if c.cell_type == "code"]
+
+
+def test_notebook_runs_at_smoke_scale(root, tmp_path, monkeypatch):
+    monkeypatch.setenv("ODE_SCALE", "smoke")
+    monkeypatch.setenv("ODE_OUT", str(tmp_path))
+    monkeypatch.delenv("TRAINING_CURVE", raising=False)
+    text = "".join(run_ode_notebook(root))
     assert "scale smoke: N = 40" in text and "largest gap" in text
     assert text.count("measured (20 masks)") == 2
-    assert (tmp_path / "ode_test_loss.png").stat().st_size > 0
-    assert (tmp_path / "ode_order_parameters.png").stat().st_size > 0
+    assert (tmp_path / "figures" / "ode_test_loss.png").stat().st_size > 0
+    assert (tmp_path / "figures" / "ode_order_parameters.png").stat().st_size > 0
+
+
+def test_notebook_shows_the_users_training_curve(root, tmp_path, monkeypatch):
+    """A curve written by teacher_dataset.py + teacher_student.py --ode 1 (N = 20, P = 2000) is
+    what notebook 5 draws when TRAINING_CURVE names it, with its figure beside the file."""
+    from entry_points import call
+    code, _, err = call("teacher_dataset.py", ["--input_dim", 20, "--num_data", 2000,
+                                               "--teacher_path", tmp_path / "teacher.pkl"])
+    assert code == 0, err
+    code, _, err = call("teacher_student.py", ["--input_dim", 20, "--student_h_size", 3,
+                                               "--teacher_path", tmp_path / "teacher.pkl",
+                                               "--output_dir", tmp_path, "--ode", 1])
+    assert code == 0, err
+    curve = tmp_path / "training_curve_3.csv"
+    table = np.genfromtxt(curve, delimiter=",", names=True)
+    monkeypatch.setenv("TRAINING_CURVE", str(curve))
+    monkeypatch.setenv("ODE_OUT", str(tmp_path / "elsewhere"))
+    monkeypatch.setenv("ODE_SCALE", "smoke")                 # were the file ignored
+    outputs = run_ode_notebook(root)
+    assert outputs[0].startswith(f"reading {curve} (TRAINING_CURVE)")
+    assert (f"{len(table)} points, alpha up to 100; final test loss "
+            f"{table['test_loss'][-1]:.5f} simulated, {table['ode_loss'][-1]:.5f} ODE") in outputs[1]
+    assert "training_curve_3.csv" in outputs[3] and "largest gap" in outputs[3]
+    assert "sigma =" not in "".join(outputs)                  # no run of the notebook's own
+    assert (tmp_path / "figures" / "ode_test_loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "elsewhere").exists()
 
 
 def test_cli_reports_a_failed_integration(small_teacher, tmp_path, monkeypatch):

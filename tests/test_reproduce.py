@@ -194,9 +194,14 @@ def test_bad_student_count_is_one_sentence(capsys):
     assert "--students must be positive" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["1_test_loss_vs_parameters", "2_node_methods",
-                                  "3_order_parameter_heatmaps", "4_theory_vs_simulation"])
-def test_notebook_runs_on_smoke_preset(name, smoke_run, root, monkeypatch):
+@pytest.mark.parametrize("name, pngs", [
+    ("1_test_loss_vs_parameters", ["figure1_loss_vs_budget", "figure1_loss_vs_budget_reweighted"]),
+    ("2_node_methods", ["figure2_node_methods", "figure2_node_methods_reweighted"]),
+    ("3_order_parameter_heatmaps", [f"figure3_heatmaps_{m}" for m in
+                                    ("dpp_node", "random_node", "dpp_edge", "random_edge")]),
+    ("4_theory_vs_simulation", ["figure4_theory_vs_simulation",
+                                "figure4_random_edge_closed_form"])])
+def test_notebook_runs_on_smoke_preset(name, pngs, smoke_run, root, monkeypatch):
     monkeypatch.setenv("REPRO_PRESET", "smoke")
     monkeypatch.setenv("REPRO_OUT", str(smoke_run))
     nb = nbformat.read(root / "notebooks" / f"{name}.ipynb", as_version=4)
@@ -206,7 +211,9 @@ def test_notebook_runs_on_smoke_preset(name, smoke_run, root, monkeypatch):
     assert "study 'smoke'" in first
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
               if "image/png" in o.get("data", {})]
-    assert images
+    assert len(images) == len(pngs)
+    for png in pngs:                         # every figure shown is saved beside the run
+        assert (smoke_run / "figures" / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_keep_data_0_removes_teachers_and_changes_no_result(three_students, tmp_path):
@@ -229,6 +236,15 @@ def test_keep_data_0_removes_teachers_and_changes_no_result(three_students, tmp_
             assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-6, nan_ok=True)
 
 
+def test_heatmaps_of_several_students_show_each_budget_once(three_students):
+    import figures
+    run = figures.Run(three_students[0])
+    budgets = run.preset.panels[0].node_budgets
+    fig = figures.figure_heatmaps(run, "dpp_node")
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == ["unpruned"] + [f"k = {k}" for k in budgets]
+
+
 def test_claims_notebook_runs_on_several_students(three_students, root, monkeypatch):
     out, _ = three_students
     monkeypatch.setenv("REPRO_OUT", str(out))
@@ -237,6 +253,22 @@ def test_claims_notebook_runs_on_several_students(three_students, root, monkeypa
                    resources={"metadata": {"path": str(root / "notebooks")}}).execute()
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert "3 independently trained student(s)" in "".join(o.get("text", "") for o in code[0].outputs)
-    assert "holds" in str(code[1].outputs) or "FAILS" in str(code[1].outputs)
+    # one vocabulary: the counts under each verdict grid use the words of claims.md only
+    counts = [line for c in code[1:3] for o in c.outputs
+              for line in o.get("text", "").splitlines() if not line.startswith("saved ")]
+    assert len(counts) == 2
+    words = {part.split(" ", 1)[1] for line in counts for part in line.split(": ")[-1].split(", ")}
+    assert words and words <= {"holds", "fails", "not resolved (3 students)"}
+    text = "".join(c.source for c in nb.cells if c.cell_type == "markdown") + "".join(
+        o.get("text", "") + o.get("data", {}).get("text/plain", "") for c in code for o in c.outputs)
+    assert not [old for old in ("FAILS", "✓", "✗", "?", "not resolved at") if old in text]
     images = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]
-    assert len(images) >= 6
+    assert len(images) == 8
+    saved = sorted(p.name for p in (out / "figures").iterdir())
+    assert saved == sorted(["verdict_grid_K6.png", "verdict_grid_K20_M2.png",
+                            "paired_dpp_node_vs_random_node.png",
+                            "paired_dpp_node_vs_importance_node.png",
+                            "paired_dpp_node_vs_random_node_reweighted.png",
+                            "paired_dpp_edge_vs_random_edge.png",
+                            "paired_random_edge_vs_dpp_node.png",
+                            "dpp_advantage_vs_specialisation.png"])
