@@ -6,25 +6,28 @@ import sys
 import matplotlib
 import numpy as np
 import pandas as pd
+import pytest
 
 import claims
 import docs_tables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "smoke_run")
-DOCS_RESULTS = os.path.join(ROOT, "docs", "results")
-REGENERATE = ("python3 docs_tables.py tests/fixtures/smoke_run --bench benchmarks/results.md "
-              "--out docs/results")
 
 
-def test_committed_tables_are_what_the_command_writes(tmp_path):
-    docs_tables.main([FIXTURE, "--bench", os.path.join(ROOT, "benchmarks", "results.md"),
-                      "--out", str(tmp_path)])
+@pytest.mark.parametrize("run, bench, docs", [
+    ("tests/fixtures/smoke_run", "benchmarks/results.md", "docs/results"),
+    ("docs/runs/student_width", None, "docs/student_width")])
+def test_committed_tables_are_what_the_command_writes(tmp_path, run, bench, docs):
+    regenerate = (f"python3 docs_tables.py {run}" + (f" --bench {bench}" if bench else "")
+                  + f" --out {docs}")
+    docs_tables.main([os.path.join(ROOT, run), "--out", str(tmp_path)]
+                     + (["--bench", os.path.join(ROOT, bench)] if bench else []))
     written = sorted(os.listdir(tmp_path))
-    assert written == sorted(os.listdir(DOCS_RESULTS)), f"regenerate with `{REGENERATE}`"
+    assert written == sorted(os.listdir(os.path.join(ROOT, docs))), f"regenerate: `{regenerate}`"
     for name in written:
-        with open(tmp_path / name, "rb") as new, open(os.path.join(DOCS_RESULTS, name), "rb") as old:
-            assert new.read() == old.read(), f"docs/results/{name} differs: `{REGENERATE}`"
+        with open(tmp_path / name, "rb") as new, open(os.path.join(ROOT, docs, name), "rb") as old:
+            assert new.read() == old.read(), f"{docs}/{name} differs: `{regenerate}`"
 
 
 def test_tables_are_headed_by_the_run():
