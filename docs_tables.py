@@ -12,9 +12,9 @@ import collections
 import csv
 import os
 
-import claims
-import cli
-import study
+from dpp_pruning.experiments import claims
+from dpp_pruning.base import cli
+from dpp_pruning.experiments import study
 
 
 def read_run(folder):

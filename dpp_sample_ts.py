@@ -44,7 +44,7 @@ import scipy.linalg
 import threadpoolctl
 import torch
 
-from choices import IMPORTANCE_RULES, k_range
+from dpp_pruning.base.choices import IMPORTANCE_RULES, k_range
 
 NEG_RTOL = 1e-4  # relative size of negative eigenvalues / asymmetry accepted as rounding
 SMALL_LAPACK = 1024  # below this size LAPACK calls run on one BLAS thread (see _one_blas_thread)

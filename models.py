@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from choices import MODES, NONLINEARITIES  # noqa: F401  (re-exported: models.MODES, ...)
+from dpp_pruning.base.choices import MODES, NONLINEARITIES  # noqa: F401  (re-exported: models.MODES, ...)
 
 
 def activation(name):

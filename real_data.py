@@ -14,8 +14,8 @@ see their docstrings for the conventions.
 import os
 import time
 
-import cli
-from choices import PRUNING_CHOICES
+from dpp_pruning.base import cli
+from dpp_pruning.base.choices import PRUNING_CHOICES
 
 # the real-data modules (and with them torch) are imported by the functions that use them,
 # once the flags are parsed: --help answers at once.
@@ -81,9 +81,9 @@ def _float_list(flag, text):
 
 
 def validate(args):
-    import first_layer_pruning
-    import image_datasets
-    import mlp_training
+    from dpp_pruning.real_data import first_layer_pruning
+    from dpp_pruning.real_data import image_datasets
+    from dpp_pruning.real_data import mlp_training
     import models
     if args.dataset not in image_datasets.DATASETS:
         raise cli.UserError(f"--dataset must be one of {', '.join(image_datasets.DATASETS)}, got {args.dataset!r}")
@@ -128,7 +128,7 @@ def validate(args):
 
 
 def run_training(args, data):
-    import mlp_training
+    from dpp_pruning.real_data import mlp_training
     start = time.time()
     _, history = mlp_training.train_and_save(
         args.dataset, data, args.weights, seed=args.seed, device=args.device,
@@ -143,9 +143,9 @@ def run_training(args, data):
 
 
 def prepared(args, data):
-    import first_layer_pruning
-    import mlp_training
-    import real_data_sweep
+    from dpp_pruning.real_data import first_layer_pruning
+    from dpp_pruning.real_data import mlp_training
+    from dpp_pruning.real_data import real_data_sweep
     model = mlp_training.load_weights(args.weights, args.dataset, args.dropout)
     setup = real_data_sweep.prepare(args.dataset, model, data, beta=args.beta,
                                     device=args.device,
@@ -161,8 +161,8 @@ def prepared(args, data):
 
 
 def run_pruning(args, data):
-    import first_layer_pruning
-    import real_data_sweep
+    from dpp_pruning.real_data import first_layer_pruning
+    from dpp_pruning.real_data import real_data_sweep
     setup = prepared(args, data)
     hidden, inputs = setup.drawer.hidden, setup.drawer.inputs
     k = args.k if args.k is not None else first_layer_pruning.k_for_fraction(
@@ -175,7 +175,7 @@ def run_pruning(args, data):
 
 
 def run_sweep(args, data):
-    import real_data_sweep
+    from dpp_pruning.real_data import real_data_sweep
     setup = prepared(args, data)
     start = time.time()
     rows = real_data_sweep.sweep(setup, methods=args.methods, fractions=args.fractions,
@@ -185,8 +185,8 @@ def run_sweep(args, data):
 
 def main(argv=None):
     args = parse_args(argv)
-    import image_datasets
-    import mlp_training
+    from dpp_pruning.real_data import image_datasets
+    from dpp_pruning.real_data import mlp_training
     validate(args)
     args.device = cli.resolve_device(args.device)
     threads = args.threads or (1 if args.dataset == "digits" else None)

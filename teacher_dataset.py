@@ -5,8 +5,8 @@
 """
 import time
 
-import cli
-from choices import MODES
+from dpp_pruning.base import cli
+from dpp_pruning.base.choices import MODES
 
 # data and storage (and with them torch) are imported once the flags are checked.
 
@@ -49,8 +49,8 @@ def validate(args):
     cli.finite("--v_star", args.v_star)
     cli.seed("--seed", args.seed)
     args.device = cli.resolve_device(args.device, "--device")
-    from data import CHUNK_ROWS, dataset_nbytes
-    from storage import check_writable
+    from dpp_pruning.base.data import CHUNK_ROWS, dataset_nbytes
+    from dpp_pruning.base.storage import check_writable
     check_writable(args.teacher_path, flag="--teacher_path")
     nbytes = dataset_nbytes(args.input_dim, args.num_data)
     n, m = args.input_dim, args.teacher_h_size
@@ -64,9 +64,9 @@ def validate(args):
 def main(argv=None):
     args = parse_args(argv)
     validate(args)
-    from data import generate_teacher
-    from storage import save_pickle
-    from progress import Bar
+    from dpp_pruning.base.data import generate_teacher
+    from dpp_pruning.base.storage import save_pickle
+    from dpp_pruning.base.progress import Bar
     start = time.time()
     total = args.num_data + args.num_data // 10
     with Bar(total, "generating", unit="sample", unit_scale=True) as bar:

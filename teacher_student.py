@@ -9,8 +9,8 @@
 import os
 import time
 
-import cli
-from choices import IMPORTANCE_RULES, MODES, NONLINEARITIES, PRUNING_CHOICES, k_range
+from dpp_pruning.base import cli
+from dpp_pruning.base.choices import IMPORTANCE_RULES, MODES, NONLINEARITIES, PRUNING_CHOICES, k_range
 
 # torch, numba and scipy (workflow, storage, models) are imported inside the functions that
 # need them, once the flags are read: --help and flag errors come back in a fraction of a second.
@@ -126,7 +126,7 @@ def validate(args):
 
 def output_path(args):
     """The file this procedure writes (None for testing)."""
-    import workflow
+    from dpp_pruning.base import workflow
     if args.procedure == "training":
         return os.path.join(args.output_dir, workflow.student_filename(args.student_h_size))
     if args.procedure == "pruning":
@@ -135,18 +135,18 @@ def output_path(args):
 
 
 def curve_path(args):
-    import workflow
+    from dpp_pruning.base import workflow
     return os.path.join(args.output_dir, workflow.curve_filename(args.student_h_size))
 
 
 def masks_path(args):
-    import workflow
+    from dpp_pruning.base import workflow
     return os.path.join(args.output_dir, workflow.masks_filename(
         args.pruning_choice, args.student_h_size, args.k))
 
 
 def kernel_path(args):
-    import workflow
+    from dpp_pruning.base import workflow
     return args.kernel_path or os.path.join(args.output_dir,
                                             workflow.kernels_filename(args.student_h_size))
 
@@ -161,7 +161,7 @@ def _same_file(a, b):
 def preflight(args):
     """Before any work: every input file is there, every output can be written, and the job
     fits in memory."""
-    from storage import FileProblem, check_folder_writable, check_readable, check_writable
+    from dpp_pruning.base.storage import FileProblem, check_folder_writable, check_readable, check_writable
     check_readable(args.teacher_path, "teacher file")
     inputs = [("--teacher_path", args.teacher_path)]
     outputs = []
@@ -214,7 +214,7 @@ def preflight(args):
 
 
 def load_teacher(args):
-    from storage import load_pickle
+    from dpp_pruning.base.storage import load_pickle
     teacher = load_pickle(args.teacher_path, "teacher file")
     return cli.check_teacher(teacher, args.teacher_path, args.input_dim)
 
@@ -222,7 +222,7 @@ def load_teacher(args):
 def load_student(args):
     import torch
     from models import student_from_weights
-    from storage import load_state_dict
+    from dpp_pruning.base.storage import load_state_dict
     state = load_state_dict(args.trained_weights)
     w1, w2 = state.get("w1.weight"), state.get("w2.weight")
     if w1 is None or w2 is None:
@@ -243,10 +243,10 @@ def load_student(args):
 
 def run_training(args, teacher):
     import torch
-    import workflow
-    from order_param_odes import IntegrationError
-    from progress import Bar
-    from storage import save_state_dict
+    from dpp_pruning.base import workflow
+    from dpp_pruning.theory.order_param_odes import IntegrationError
+    from dpp_pruning.base.progress import Bar
+    from dpp_pruning.base.storage import save_state_dict
     out = output_path(args)
     start = time.time()
     with Bar(len(teacher) * args.epoch, "online SGD", unit="sample", unit_scale=True) as bar:
@@ -276,7 +276,7 @@ def run_training(args, teacher):
 
 def write_curve(curve, path):
     """alpha, test_loss (first curve.test_rows test samples), ode_loss: one row per point."""
-    from storage import atomic_open
+    from dpp_pruning.base.storage import atomic_open
     with atomic_open(path, "w") as f:
         f.write("alpha,test_loss,ode_loss\n")
         for row in zip(curve.alpha, curve.test_loss, curve.ode_loss):
@@ -290,8 +290,8 @@ def dpp_edge_kernels(args, teacher, student):
     """dpp_edge kernels of the rescaled student: read from the kernel pickle with
     --load_from_pkl 1, otherwise built and saved there for the next run."""
     import numpy as np
-    import workflow
-    from storage import load_pickle, save_pickle
+    from dpp_pruning.base import workflow
+    from dpp_pruning.base.storage import load_pickle, save_pickle
     path = kernel_path(args)
     unpruned = workflow.rescaled(student) if args.rescale else student
     wid = workflow.weights_id(unpruned.w1.weight.detach().double().numpy())
@@ -317,10 +317,10 @@ def dpp_edge_kernels(args, teacher, student):
 
 
 def run_pruning(args, teacher):
-    import workflow
+    from dpp_pruning.base import workflow
     from dpp_sample_ts import KDPPError
-    from progress import Bar
-    from storage import save_pickle
+    from dpp_pruning.base.progress import Bar
+    from dpp_pruning.base.storage import save_pickle
     student = load_student(args)
     out = output_path(args)
     kernels = dpp_edge_kernels(args, teacher, student) if args.pruning_choice == "dpp_edge" else None
@@ -344,8 +344,8 @@ def run_pruning(args, teacher):
 
 
 def run_testing(args, teacher):
-    import workflow
-    from progress import Bar
+    from dpp_pruning.base import workflow
+    from dpp_pruning.base.progress import Bar
     student, masks = load_masks(masks_path(args), args, teacher)
     rw = bool(args.reweighting)
     with Bar(2, f"testing {len(masks)} masks, then their expected loss", unit="stage") as bar:
@@ -373,7 +373,7 @@ def run_testing(args, teacher):
 def expectation_line(teacher, student, masks, reweighting, hgram=None):
     """One line: the expected test loss over the mask distribution of this pruning run
     beside what its masks gave (the measured mean has test-set and mask-sampling noise)."""
-    import workflow
+    from dpp_pruning.base import workflow
     from dpp_sample_ts import KDPPError
     try:
         found = workflow.expected_test_loss(teacher, student, masks.choice, masks.k,
@@ -394,7 +394,7 @@ def expectation_line(teacher, student, masks, reweighting, hgram=None):
 
 def load_masks(path, args, teacher):
     """The (unpruned student, masks) pickle of a pruning run, checked against the flags."""
-    from storage import load_pickle
+    from dpp_pruning.base.storage import load_pickle
     content = load_pickle(path, "masks file")
     student, masks = cli.check_masks(content, path)
     flags = ("--pruning_choice", "--student_h_size", "--k", "--input_dim")

@@ -20,7 +20,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import executors  # noqa: E402  (the project root is put on the path first)
+from dpp_pruning.experiments import executors  # noqa: E402  (the project root is put on the path first)
 
 
 def no_op():

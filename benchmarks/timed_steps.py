@@ -50,19 +50,19 @@ class Work:
 
 
 def load_teacher(work):
-    from storage import load_pickle
+    from dpp_pruning.base.storage import load_pickle
     return load_pickle(work.teacher, "teacher file")
 
 
 def load_student(work):
     from models import student_from_weights
-    from storage import load_state_dict
+    from dpp_pruning.base.storage import load_state_dict
     state = load_state_dict(work.student)
     return student_from_weights(state["w1.weight"].numpy(), state["w2.weight"].numpy())
 
 
 def load_masks(work, choice, k):
-    from storage import load_pickle
+    from dpp_pruning.base.storage import load_pickle
     return load_pickle(work.masks(choice, k), "masks file")
 
 
@@ -73,18 +73,18 @@ def step_baseline(cfg, work):
     """Imports what teacher_student.py imports: the resident memory of an idle process."""
     import numpy  # noqa: F401
     import torch  # noqa: F401
-    import data  # noqa: F401
-    import storage  # noqa: F401
-    import training  # noqa: F401
-    import workflow  # noqa: F401
+    from dpp_pruning.base import data  # noqa: F401
+    from dpp_pruning.base import storage  # noqa: F401
+    from dpp_pruning.base import training  # noqa: F401
+    from dpp_pruning.base import workflow  # noqa: F401
     return dict(time=0.0, data_read=0, checks=[])
 
 
 @step("gen")
 def step_gen(cfg, work):
     import numpy as np
-    from data import dataset_nbytes, generate_teacher
-    from storage import save_pickle
+    from dpp_pruning.base.data import dataset_nbytes, generate_teacher
+    from dpp_pruning.base.storage import save_pickle
     teacher, seconds = timed(generate_teacher, cfg["input_dim"], cfg["teacher_h_size"],
                              cfg["num_data"], "normal", cfg["sig_w"], cfg["v_star"],
                              cfg["seed"], cfg["device"])
@@ -105,7 +105,7 @@ def step_gen(cfg, work):
 def step_pickle_io(cfg, work):
     """Teacher pickle write / read throughput vs writing / reading the same bytes raw."""
     import numpy as np
-    from storage import save_pickle
+    from dpp_pruning.base.storage import save_pickle
     copy, raw = work.dir / "teacher_copy.pkl", work.dir / "teacher_raw.bin"
     teacher, read_pkl = timed(load_teacher, work)
     arrays = [getattr(teacher, name).numpy() for name in
@@ -138,7 +138,7 @@ def step_pickle_io(cfg, work):
         out, seconds = timed(raw_read)
         reads_raw.append(seconds)
         del out
-        from storage import load_pickle
+        from dpp_pruning.base.storage import load_pickle
         out, seconds = timed(load_pickle, copy)
         reads_pkl.append(seconds)
         del out
@@ -160,8 +160,8 @@ def step_pickle_io(cfg, work):
 
 @step("train")
 def step_train(cfg, work):
-    import workflow
-    from storage import save_state_dict
+    from dpp_pruning.base import workflow
+    from dpp_pruning.base.storage import save_state_dict
     teacher = load_teacher(work)
     student, seconds = timed(workflow.train, teacher, cfg["student_h_size"], "sigmoid",
                              "normal", cfg["lr"], 1, 0.0, cfg["seed"])
@@ -174,8 +174,8 @@ def step_train(cfg, work):
 
 @step("prune_dpp_node")
 def step_prune_node(cfg, work):
-    import workflow
-    from storage import save_pickle
+    from dpp_pruning.base import workflow
+    from dpp_pruning.base.storage import save_pickle
     teacher, student = load_teacher(work), load_student(work)
     (unpruned, masks), seconds = timed(workflow.prune, teacher, student, "dpp_node",
                                        cfg["k_node"], cfg["num_masks"], cfg["seed"])
@@ -185,8 +185,8 @@ def step_prune_node(cfg, work):
 
 
 def _prune_edge(cfg, work, choice, k):
-    import workflow
-    from storage import save_pickle
+    from dpp_pruning.base import workflow
+    from dpp_pruning.base.storage import save_pickle
     teacher, student = load_teacher(work), load_student(work)
     parts, kernels = {}, None
     if choice == "dpp_edge":
@@ -202,7 +202,7 @@ def _prune_edge(cfg, work, choice, k):
 
 def _test(cfg, work, choice, k, reweighting):
     import numpy as np
-    import workflow
+    from dpp_pruning.base import workflow
     teacher = load_teacher(work)
     unpruned, masks = load_masks(work, choice, k)
     result, seconds = timed(workflow.test_masks, teacher, unpruned, masks, choice,

@@ -3,7 +3,7 @@ import contextlib
 import io
 import signal
 
-import cli
+from dpp_pruning.base import cli
 import evaluate
 import teacher_dataset
 import teacher_student

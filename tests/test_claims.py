@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-import claims
+from dpp_pruning.experiments import claims
 
 T_975_4 = 2.7764451051977987      # t quantile at 0.975 with 4 degrees of freedom (tables)
 LOSS_B = [0.50, 0.60, 0.55, 0.65, 0.70]     # random_node's expected loss of students 0..4

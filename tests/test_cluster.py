@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-import cli
-import executors
+from dpp_pruning.base import cli
+from dpp_pruning.experiments import executors
 import reproduce
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -16,7 +16,7 @@ V1 = os.path.join(ROOT, "tests", "fixtures", "v1")
 
 
 def test_files_of_an_earlier_release_load():
-    from storage import load_pickle, load_state_dict
+    from dpp_pruning.base.storage import load_pickle, load_state_dict
     teacher = load_pickle(os.path.join(V1, "teacher.pkl"), "teacher file")
     assert teacher.settings == dict(input_dim=10, teacher_h_size=2, num_data=200, mode="normal",
                                     sig_w=0.0, v_star=4, seed=1)

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import claims
+from dpp_pruning.experiments import claims
 import docs_tables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,7 +83,7 @@ def test_claims_md_names_its_run_and_uses_one_vocabulary():
 
 
 def test_real_data_figure_has_the_shared_styles_and_percent_axes():
-    import plots
+    from dpp_pruning.experiments import plots
     rows = pd.DataFrame([dict(method=m, reweighting=rw, fraction=f, test_error=e,
                               unpruned_test_error=2.4)
                          for m in plots.METHOD_STYLE for rw in (0, 1)
@@ -105,8 +105,8 @@ def test_real_data_figure_has_the_shared_styles_and_percent_axes():
 def test_loss_figure_keeps_bands_inside_and_shares_the_styles(tmp_path):
     import shutil
 
-    import figures
-    import plots
+    from dpp_pruning.experiments import figures
+    from dpp_pruning.experiments import plots
     out = tmp_path / "run"
     shutil.copytree(FIXTURE, out)
     run = figures.Run(str(out))

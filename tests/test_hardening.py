@@ -18,7 +18,7 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-import storage
+from dpp_pruning.base import storage
 from entry_points import call
 
 N, P, K = 10, 2000, 3
@@ -404,7 +404,7 @@ def test_testing_reports_the_loss_as_trained_beside_the_rescaled_one(good, tmp_p
     """The unpruned student of --rescale 1 has rescaled rows; testing keeps its line and adds
     the student's loss as trained (the loss training printed)."""
     from models import student_from_weights
-    from workflow import rescaled, test_loss
+    from dpp_pruning.base.workflow import rescaled, test_loss
     d = fresh_copy(good, tmp_path)
     assert call(TS, prune_args(d, "random_node", 1, "--rescale", rescale))[0] == 0
     code, out, err = call(TS, args_testing(d, "random_node", 1, "--rescale", rescale))
@@ -453,7 +453,8 @@ def test_same_seed_same_bytes_other_seed_other_results(root, tmp_path):
     other = tmp_path / "b"
     steps = "; ".join(f"cli.run(m[{script!r}].main, {[str(a) for a in argv(str(other), 3)]!r})"
                       for script, argv in PIPELINE)
-    code = (f"import sys; sys.path.insert(0, {str(root)!r}); import cli, teacher_dataset, "
+    code = (f"import sys; sys.path.insert(0, {str(root)!r}); from dpp_pruning.base import cli; "
+            f"import teacher_dataset, "
             f"teacher_student; m = {{'teacher_dataset.py': teacher_dataset, "
             f"'teacher_student.py': teacher_student}}; {steps}")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

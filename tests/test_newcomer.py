@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-import progress
-from data import generate_teacher
+from dpp_pruning.base import progress
+from dpp_pruning.base.data import generate_teacher
 from entry_points import call
 
 
@@ -125,15 +125,15 @@ def test_help_shows_every_default(script):
 
 def test_light_names_agree_with_the_heavy_modules():
     import dpp_sample_ts
-    import first_layer_pruning
+    from dpp_pruning.real_data import first_layer_pruning
     import real_data
-    import real_data_sweep
-    import sweep
-    from choices import IMPORTANCE_RULES, PRUNING_CHOICES, SWEEP_PRESETS, k_range
+    from dpp_pruning.real_data import real_data_sweep
+    from dpp_pruning.experiments import sweep
+    from dpp_pruning.base.choices import IMPORTANCE_RULES, PRUNING_CHOICES, SWEEP_PRESETS, k_range
     assert {name: p.granularity for name, p in dpp_sample_ts.PRUNERS.items()} == PRUNING_CHOICES
     assert IMPORTANCE_RULES == dpp_sample_ts.IMPORTANCE_RULES
     assert tuple(PRUNING_CHOICES) == sweep.ALL_METHODS
-    import study
+    from dpp_pruning.experiments import study
     assert {n[:-5] for n in os.listdir(study.STUDIES_DIR) if n.endswith(".toml")} >= set(SWEEP_PRESETS)
     assert all(study.preset(name).name == name for name in SWEEP_PRESETS)
     assert set(PRUNING_CHOICES) == set(first_layer_pruning.METHODS)
@@ -211,7 +211,7 @@ def test_progress_on_a_terminal_is_a_tqdm_bar():
 
 def test_heatmap_numbers_are_white_on_dark_cells_and_black_on_light_ones():
     import matplotlib
-    import plots
+    from dpp_pruning.experiments import plots
     cmap = matplotlib.colormaps["RdBu_r"]
     assert plots.text_colour(cmap(0.0)) == "white"      # dark blue, R = -1
     assert plots.text_colour(cmap(1.0)) == "white"      # dark red, Q = 1
@@ -220,7 +220,7 @@ def test_heatmap_numbers_are_white_on_dark_cells_and_black_on_light_ones():
 
 
 def test_heatmaps_name_their_axes(tmp_path):
-    import plots
+    from dpp_pruning.experiments import plots
     fig = plots.heatmap_figure({"Q unpruned": np.eye(3), "R unpruned": np.ones((3, 2))})
     q, r = fig.axes[:2]
     assert (q.get_xlabel(), q.get_ylabel()) == ("student node j", "student node i")
@@ -250,7 +250,7 @@ def run_of(df):
 
 def test_points_are_means_over_students_with_t_intervals_across_them():
     import scipy.stats
-    import figures
+    from dpp_pruning.experiments import figures
     df = figures.selected_rows(run_of(results(4, 3, lambda s, r: 1.0 + s + 0.1 * r)))
     row = figures._summary(df).iloc[0]
     per_student = np.array([1.1, 2.1, 3.1, 4.1])            # each student's mean over rounds
@@ -262,7 +262,7 @@ def test_points_are_means_over_students_with_t_intervals_across_them():
 
 def test_with_one_student_the_intervals_are_across_rounds():
     import scipy.stats
-    import figures
+    from dpp_pruning.experiments import figures
     df = figures.selected_rows(run_of(results(1, 5, lambda s, r: 2.0 + r)))
     row = figures._summary(df).iloc[0]
     assert row["mean"] == pytest.approx(4.0)
@@ -278,12 +278,12 @@ class Smoke:
         out = argv[argv.index("--out") + 1]
         os.makedirs(out)
         results(2, 2, lambda s, r: 1.0).to_csv(os.path.join(out, "results.csv"), index=False)
-        import study
+        from dpp_pruning.experiments import study
         study.claim_folder(study.preset("smoke"), out)
 
 
 def test_notebook_without_results_runs_only_the_smoke_preset_and_says_so(tmp_path, monkeypatch):
-    import figures
+    from dpp_pruning.experiments import figures
     import reproduce
     monkeypatch.delenv("REPRO_OUT", raising=False)
     monkeypatch.delenv("REPRO_PRESET", raising=False)
@@ -301,7 +301,7 @@ def test_notebook_without_results_runs_only_the_smoke_preset_and_says_so(tmp_pat
 
 @pytest.mark.parametrize("env", [{"REPRO_PRESET": "paper"}, {"REPRO_OUT": "elsewhere"}])
 def test_notebook_pointed_at_a_missing_run_stops_with_the_command(tmp_path, monkeypatch, env):
-    import figures
+    from dpp_pruning.experiments import figures
     import reproduce
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("REPRO_OUT", raising=False)
@@ -317,7 +317,7 @@ def test_notebook_pointed_at_a_missing_run_stops_with_the_command(tmp_path, monk
 
 
 def test_figure_one_has_two_panels_a_row_and_its_legend_outside_them(tmp_path):
-    import figures
+    from dpp_pruning.experiments import figures
     out = tmp_path / "run"
     Smoke()(["--out", str(out)])
     run = figures.Run(str(out))

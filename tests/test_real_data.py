@@ -14,11 +14,11 @@ import threadpoolctl
 import torch
 from scipy.spatial.distance import cdist
 
-import cli
-import first_layer_pruning as pruning
-import image_datasets as datasets
-import mlp_training as mlp
-import real_data_sweep as experiments
+from dpp_pruning.base import cli
+from dpp_pruning.real_data import first_layer_pruning as pruning
+from dpp_pruning.real_data import image_datasets as datasets
+from dpp_pruning.real_data import mlp_training as mlp
+from dpp_pruning.real_data import real_data_sweep as experiments
 from dpp_sample_ts import draw_masks, gaussian_kernels, reweight_edges_batched, reweight_nodes
 from models import MLP, MLP_SIZES
 from reference import reference_reweight_edges

@@ -12,11 +12,11 @@ import pytest
 import torch
 from scipy import stats
 
-import workflow
-from data import generate_teacher
+from dpp_pruning.base import workflow
+from dpp_pruning.base.data import generate_teacher
 from dpp_sample_ts import (KDPP, draw_masks, edge_kernel, exact_inclusion_probabilities,
                            node_kernel, reweight_edges, reweight_nodes)
-from order_params import order_parameters
+from dpp_pruning.theory.order_params import order_parameters
 from reference import (reference_edge_kernels, reference_generate, reference_kdpp_draws,
                        reference_labels, reference_node_kernel, reference_order_parameters,
                        reference_reweight_edges, reference_reweight_nodes, reference_test_masks)

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from nbclient import NotebookClient
 
-import claims
+from dpp_pruning.experiments import claims
 import reproduce
-import study
-import sweep
-from run_tables import EXPECTATION_COLUMNS, RESULT_COLUMNS
+from dpp_pruning.base import cli
+from dpp_pruning.experiments import study
+from dpp_pruning.experiments import sweep
+from dpp_pruning.experiments.run_tables import EXPECTATION_COLUMNS, RESULT_COLUMNS
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,7 @@ def test_interrupted_sweep_resumes_without_redoing_cells(tmp_path, monkeypatch):
 
 
 def test_reused_folder_of_another_preset_is_refused(smoke_run):
-    from cli import UserError
+    from dpp_pruning.base.cli import UserError
     with pytest.raises(UserError, match="another study or seed .*differs in seed"):
         reproduce.main(["--preset", "smoke", "--out", str(smoke_run), "--seed", "2"])
 
@@ -189,7 +190,7 @@ def test_specialisation_counts_groups_and_signed_weights():
 
 def test_bad_student_count_is_one_sentence(capsys):
     with pytest.raises(SystemExit) as e:
-        __import__("cli").run(reproduce.main, ["--preset", "smoke", "--students", "0"])
+        cli.run(reproduce.main, ["--preset", "smoke", "--students", "0"])
     assert e.value.code == 2
     assert "--students must be positive" in capsys.readouterr().err
 
@@ -237,7 +238,7 @@ def test_keep_data_0_removes_teachers_and_changes_no_result(three_students, tmp_
 
 
 def test_heatmaps_of_several_students_show_each_budget_once(three_students):
-    import figures
+    from dpp_pruning.experiments import figures
     run = figures.Run(three_students[0])
     budgets = run.preset.panels[0].node_budgets
     fig = figures.figure_heatmaps(run, "dpp_node")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-import storage
+from dpp_pruning.base import storage
 from entry_points import call
 
 N, K = 10, 3

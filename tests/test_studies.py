@@ -12,10 +12,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-import cli
+from dpp_pruning.base import cli
 import reproduce
-import study
-import sweep
+from dpp_pruning.experiments import study
+from dpp_pruning.experiments import sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -223,7 +223,8 @@ def test_a_second_run_on_a_folder_in_use_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
     holder = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(f"""
-            import sys, time, storage
+            import sys, time
+            from dpp_pruning.base import storage
             with storage.folder_lock({str(out)!r}, "reproduce.py run"):
                 print("locked", flush=True)
                 time.sleep(60)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-import training
+from dpp_pruning.base import training
 from models import Student
 from reference import reference_online_sgd, reference_test_loss
 

@@ -8,12 +8,12 @@ import pytest
 
 import evaluate
 import teacher_student
-import workflow
-from data import generate_teacher
+from dpp_pruning.base import workflow
+from dpp_pruning.base.data import generate_teacher
 from dpp_sample_ts import PRUNERS
-from order_params import (NotSpecialised, block_order, generalisation_error, order_parameters,
+from dpp_pruning.theory.order_params import (NotSpecialised, block_order, generalisation_error, order_parameters,
                           random_edge_expected)
-from storage import load_pickle
+from dpp_pruning.base.storage import load_pickle
 
 N, P, K = 30, 48000, 6          # P / N = 1600 as in the paper
 EDGE_K = 15                     # = (3 (N + 1) - K) / K rounded: the budget of 3 nodes
@@ -176,7 +176,7 @@ def test_block_order_and_not_specialised():
 def test_evaluate_says_when_not_specialised(tmp_path, capsys, monkeypatch):
     """An untrained student: one clear note, matrices in natural order, no crash."""
     from models import Student
-    from storage import save_state_dict
+    from dpp_pruning.base.storage import save_state_dict
     import torch
     monkeypatch.chdir(tmp_path)
     teacher_dataset_main = __import__("teacher_dataset").main

@@ -20,6 +20,8 @@ import subprocess
 import threading
 import time
 
+from dpp_pruning import ROOT
+
 _UNIT_LOCK = threading.Lock()   # a Dask worker with several threads still runs one unit at a time
 
 
@@ -146,7 +148,7 @@ class LocalDaskCluster:
         dask = shutil.which("dask")
         if dask is None:
             raise FileNotFoundError("the dask command line is not installed (requirements.txt)")
-        root = root or os.path.dirname(os.path.abspath(__file__))
+        root = root or ROOT
         self._env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))

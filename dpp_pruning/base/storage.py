@@ -302,15 +302,18 @@ _ALLOWED = {
     ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct"),
     ("numpy._core.multiarray", "scalar"), ("numpy.core.multiarray", "scalar"),
     ("numpy._core.numeric", "_frombuffer"), ("numpy.core.numeric", "_frombuffer"),
-    ("data", "TeacherDataset"),
+    ("dpp_pruning.base.data", "TeacherDataset"),
     ("models", "_rebuild_student"),
     ("dpp_sample_ts", "MaskList"),
 }
 _REPLACED = {("models", "_rebuild_student"): _checked_rebuild_student}
+# where classes pickled by earlier releases live now (before the library became a package)
+_MOVED = {("data", "TeacherDataset"): ("dpp_pruning.base.data", "TeacherDataset")}
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
+        module, name = _MOVED.get((module, name), (module, name))
         if (module, name) in _REPLACED:
             return _REPLACED[(module, name)]
         if (module, name) in _ALLOWED or (module == "numpy.dtypes" and name.endswith("DType")):

@@ -31,8 +31,8 @@ import numpy as np
 
 from dpp_sample_ts import (PRUNERS, edge_kernel, importance_node_keep, node_kernel,
                            reweight_edges, sampler, solve_psd)
-from mask_marginals import BernoulliMarginals, FixedMarginals, KDPPMarginals
-from order_params import generalisation_error, order_parameters, random_edge_expected
+from dpp_pruning.theory.mask_marginals import BernoulliMarginals, FixedMarginals, KDPPMarginals
+from dpp_pruning.theory.order_params import generalisation_error, order_parameters, random_edge_expected
 
 NODE_METHODS = ("dpp_node", "random_node", "importance_node")
 EDGE_METHODS = ("dpp_edge", "random_edge", "importance_edge")

@@ -40,7 +40,7 @@ import numba
 import numpy as np
 from scipy.integrate import solve_ivp
 
-from order_params import generalisation_error, order_parameters
+from dpp_pruning.theory.order_params import generalisation_error, order_parameters
 
 _TWO_OVER_PI = 2.0 / math.pi
 

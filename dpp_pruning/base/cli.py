@@ -66,7 +66,7 @@ def _on_sigterm(signum, frame):
 def _user_errors():
     """UserError, and storage.FileProblem once storage is loaded (only storage raises it;
     importing it here would load torch before the flags are read)."""
-    storage = sys.modules.get("storage")
+    storage = sys.modules.get("dpp_pruning.base.storage")
     return (UserError,) + ((storage.FileProblem,) if storage is not None else ())
 
 
@@ -202,7 +202,7 @@ def _is_float_tensor(x, shape):
 def check_teacher(teacher, path, input_dim=None, flag="--input_dim"):
     """Raise UserError unless `teacher` is a complete, finite teacher data set (of dimension
     `input_dim` if given); `path` names the file it came from."""
-    from data import TeacherDataset
+    from dpp_pruning.base.data import TeacherDataset
     again = "generate it again with teacher_dataset.py"
     if not isinstance(teacher, TeacherDataset):
         raise UserError(f"teacher file {path} does not hold a teacher data set (it holds an "
@@ -243,7 +243,7 @@ def check_teacher(teacher, path, input_dim=None, flag="--input_dim"):
 
 def check_same_teacher(masks, teacher, path, teacher_path, again):
     """Raise UserError unless the masks were drawn for this teacher data set."""
-    import workflow
+    from dpp_pruning.base import workflow
     if masks.teacher_id != workflow.teacher_id(teacher):
         raise UserError(f"masks file {path} was made with another teacher than "
                         f"{teacher_path}; {again}")
@@ -265,7 +265,7 @@ def check_masks(content, path, input_dim=None, teacher=None, teacher_path=None):
     """Raise UserError unless `content` is the (unpruned student, MaskList) a pruning run wrote,
     with 0/1 masks of the right shape, for `input_dim` and `teacher` if given."""
     import numpy as np
-    from choices import k_range
+    from dpp_pruning.base.choices import k_range
     from dpp_sample_ts import PRUNERS, MaskList
     again = "prune again with teacher_student.py --procedure pruning"
     if not (isinstance(content, tuple) and len(content) == 2

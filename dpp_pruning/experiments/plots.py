@@ -8,7 +8,7 @@ if "inline" not in matplotlib.get_backend():     # a notebook keeps its inline f
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
-from storage import atomic_open  # noqa: E402
+from dpp_pruning.base.storage import atomic_open  # noqa: E402
 
 # One colour and one marker per pruning method, for every figure of the suite (teacher-student
 # and real data), in the order the legends list them.

@@ -13,9 +13,9 @@ import time
 
 import torch
 
-from cli import UserError
+from dpp_pruning.base.cli import UserError
 from models import MLP, MLP_SIZES
-from storage import load_state_dict, save_state_dict
+from dpp_pruning.base.storage import load_state_dict, save_state_dict
 
 log = logging.getLogger("dpp_pruning.real_data")
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cli import UserError
+from dpp_pruning.base.cli import UserError
 from models import MLP_SIZES
 
 DATASETS = tuple(MLP_SIZES)                      # digits, mnist, cifar10

@@ -21,9 +21,10 @@ import os
 import tomllib
 from dataclasses import asdict, dataclass, replace
 
-from choices import IMPORTANCE_RULES, MODES, PRUNING_CHOICES
+from dpp_pruning import ROOT
+from dpp_pruning.base.choices import IMPORTANCE_RULES, MODES, PRUNING_CHOICES
 
-STUDIES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "studies")
+STUDIES_DIR = os.path.join(ROOT, "studies")
 RECORD = "study.json"
 
 
@@ -358,7 +359,7 @@ def claim_folder(study, out):
         old = _read_preset_record(out)
     merged = study if old is None else merge(old, study, out)
     if merged != old:
-        from storage import atomic_open
+        from dpp_pruning.base.storage import atomic_open
         with atomic_open(os.path.join(out, RECORD), "w") as f:
             json.dump(record(merged), f, indent=1)
     return merged

@@ -22,15 +22,15 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
-import claims as claims_module
+from dpp_pruning.experiments import claims as claims_module
 import reproduce
-import study
-import sweep
-from expectations import expected_random_edge_loss
-from order_params import NotSpecialised, block_order
-from plots import band, method_offsets, method_style, percent_axis
+from dpp_pruning import ROOT
+from dpp_pruning.experiments import study
+from dpp_pruning.experiments import sweep
+from dpp_pruning.theory.expectations import expected_random_edge_loss
+from dpp_pruning.theory.order_params import NotSpecialised, block_order
+from dpp_pruning.experiments.plots import band, method_offsets, method_style, percent_axis
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 class NoResults(Exception):
