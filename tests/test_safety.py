@@ -344,3 +344,21 @@ def test_unwritable_output_dir_is_refused_before_work(good, tmp_path):
         assert os.listdir(ro) == []
     finally:
         os.chmod(ro, 0o755)
+
+
+def test_a_temporary_file_of_a_killed_unreaped_writer_is_removed(tmp_path):
+    """A writer killed with SIGKILL whose parent has not reaped it yet (a zombie, as a killed
+    Dask worker is until its parent waits) has no run left: its temporary file goes."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        os.kill(child.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while open(f"/proc/{child.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        part = tmp_path / f".cell.npz.{child.pid}.abc123.part"
+        part.write_bytes(b"half")
+        storage.remove_stale_parts(str(tmp_path / "cell.npz"))
+        assert not part.exists()
+    finally:
+        child.wait()
