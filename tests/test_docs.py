@@ -130,3 +130,15 @@ def test_loss_figure_keeps_bands_inside_and_shares_the_styles(tmp_path):
 def test_fixture_holds_only_small_text_files():
     assert {os.path.splitext(f)[1] for f in os.listdir(FIXTURE)} <= {".csv", ".json", ".md"}
     assert sum(os.path.getsize(os.path.join(FIXTURE, f)) for f in os.listdir(FIXTURE)) < 200_000
+
+
+def test_node_methods_sit_beside_their_budget_not_between_budgets():
+    """Figure 2 shifts the node methods apart a little; the edge methods' budgets (tens of
+    weights) must not widen that shift beyond a fraction of a node."""
+    from dpp_pruning.experiments import figures
+    fig = figures.figure_node_methods(figures.Run(FIXTURE))
+    lines = [ln for ln in fig.axes[0].lines if ln.get_label().endswith("_node")]
+    assert len(lines) == 3
+    for line in lines:
+        xs = np.asarray(line.get_xdata(), dtype=float)
+        assert np.all(np.abs(xs - np.round(xs)) < 0.1), (line.get_label(), xs)

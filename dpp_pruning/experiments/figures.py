@@ -166,6 +166,7 @@ def plot_loss_vs_budget(run, ax, noise, student_h_size, reweighting=0, methods=N
             & (df.reweighting == reweighting)]
     summary = _summary(df)
     methods = [m for m in methods or sweep.ALL_METHODS if m in set(summary.method)]
+    summary = summary[summary.method.isin(methods)]
     scale = 100 if x == "fraction_kept" else 1
     span = (summary[x].max() - summary[x].min()) * scale if not summary.empty else 1.0
     shift = method_offsets(methods, 0.008 * (span or 1.0))
