@@ -169,7 +169,7 @@ def plot_loss_vs_budget(run, ax, noise, student_h_size, reweighting=0, methods=N
     summary = summary[summary.method.isin(methods)]
     scale = 100 if x == "fraction_kept" else 1
     span = (summary[x].max() - summary[x].min()) * scale if not summary.empty else 1.0
-    shift = method_offsets(methods, 0.008 * (span or 1.0))
+    shift = method_offsets(methods, (0.02 if x == "k" else 0.008) * (span or 1.0))
     if not summary.empty:
         unpruned = summary.unpruned.iloc[0]
         low = min(summary["mean"].min(), unpruned) / 1.6
