@@ -69,7 +69,7 @@ def verdict_tables(claim_rows, record, students, date):
         cells = collections.defaultdict(dict)
         for r in part:
             cells[r["claim"]][(float(r["noise"]), int(r["nodes_equivalent"]))] = (
-                f"{claims.label(r['verdict'])} {100 * float(r['relative']):+.0f}%")
+                f"{claims.label(r['verdict'])} {claims.percent(r['relative'])}")
         text = heading(f"Claims at K = {size[0]}, teacher of M = {size[1]} nodes", record,
                        students, date)
         text += ["Each cell: the verdict on 'A below B' and the relative difference (A − B) / B "

@@ -57,3 +57,9 @@ def test_intervals_verdicts_and_relative_are_those_worked_by_hand():
         assert row["verdict"] == VERDICTS[row["nodes_equivalent"]]
         assert (row["verdict"] == "holds") == (row["ci_high"] < 0)
         assert (row["verdict"] == "fails") == (row["ci_low"] > 0)
+
+
+def test_relative_differences_read_in_whole_percent_without_minus_zero():
+    from dpp_pruning.experiments.claims import percent
+    assert [percent(x) for x in (-0.0612, 0.2049, -0.004, 0.0049, 0.0, -0.005001)] == [
+        "-6%", "+20%", "0%", "0%", "0%", "-1%"]

@@ -131,6 +131,13 @@ def evaluate(expectation_rows, result_rows=(), claims=CLAIMS):
     return out
 
 
+def percent(relative):
+    """A relative difference in whole percent, signed ("-6%", "+21%"); "0%" when it rounds to
+    zero either way (never "-0%")."""
+    whole = round(100 * float(relative))
+    return f"{whole:+d}%" if whole else "0%"
+
+
 def describe_run(record, students, date):
     """A run in words: its study, N, P, students, seed and date. `record` is the run
     folder's study record (study.json)."""

@@ -374,7 +374,7 @@ def figure_verdict_grid(claims, student_h_size, teacher_h_size=None):
     kind = _claim_grid(claims, student_h_size, teacher_h_size,
                        lambda r: claims_module.label(r.verdict).split(" (")[0])
     text = _claim_grid(claims, student_h_size, teacher_h_size,
-                       lambda r: f"{100 * r.relative:+.0f}%")
+                       lambda r: claims_module.percent(r.relative))
     kinds = list(VERDICT_COLOUR)
     codes = kind.apply(lambda column: column.map(
         lambda v: kinds.index(v) if isinstance(v, str) else np.nan)).to_numpy(dtype=float)
