@@ -12,9 +12,8 @@ import collections
 import csv
 import os
 
-from dpp_pruning.experiments import claims
 from dpp_pruning.base import cli
-from dpp_pruning.experiments import study
+from dpp_pruning.experiments import claims, study
 
 
 def read_run(folder):

@@ -43,7 +43,12 @@ def preflight(args):
     cli.positive("--input_dim", args.input_dim)
     if not 0 < args.threshold <= 1:
         raise cli.UserError(f"--threshold must be in (0, 1], got {args.threshold}")
-    from dpp_pruning.base.storage import FileProblem, check_folder_writable, check_readable, check_writable
+    from dpp_pruning.base.storage import (
+        FileProblem,
+        check_folder_writable,
+        check_readable,
+        check_writable,
+    )
     check_readable(args.path_to_teacher, "teacher file")
     try:
         check_readable(args.path_to_student_mask, "masks file")
@@ -82,12 +87,13 @@ def main(argv=None):
     args.device = cli.resolve_device(args.device)
     preflight(args)
     import numpy as np
-    from dpp_pruning.experiments import plots
+
     import teacher_student
     from dpp_pruning.base import workflow
-    from dpp_sample_ts import PRUNERS
-    from dpp_pruning.theory.order_params import NotSpecialised, block_order, order_parameters
     from dpp_pruning.base.progress import Bar
+    from dpp_pruning.experiments import plots
+    from dpp_pruning.theory.order_params import NotSpecialised, block_order, order_parameters
+    from dpp_sample_ts import PRUNERS
     teacher, student, masks = load_inputs(args)
     w1 = student.w1.weight.detach().double().numpy()
     q, r, t = order_parameters(w1, teacher.w1.numpy())

@@ -81,10 +81,8 @@ def _float_list(flag, text):
 
 
 def validate(args):
-    from dpp_pruning.real_data import first_layer_pruning
-    from dpp_pruning.real_data import image_datasets
-    from dpp_pruning.real_data import mlp_training
     import models
+    from dpp_pruning.real_data import first_layer_pruning, image_datasets, mlp_training
     if args.dataset not in image_datasets.DATASETS:
         raise cli.UserError(f"--dataset must be one of {', '.join(image_datasets.DATASETS)}, got {args.dataset!r}")
     if args.procedure not in PROCEDURES:
@@ -143,9 +141,7 @@ def run_training(args, data):
 
 
 def prepared(args, data):
-    from dpp_pruning.real_data import first_layer_pruning
-    from dpp_pruning.real_data import mlp_training
-    from dpp_pruning.real_data import real_data_sweep
+    from dpp_pruning.real_data import first_layer_pruning, mlp_training, real_data_sweep
     model = mlp_training.load_weights(args.weights, args.dataset, args.dropout)
     setup = real_data_sweep.prepare(args.dataset, model, data, beta=args.beta,
                                     device=args.device,
@@ -161,8 +157,7 @@ def prepared(args, data):
 
 
 def run_pruning(args, data):
-    from dpp_pruning.real_data import first_layer_pruning
-    from dpp_pruning.real_data import real_data_sweep
+    from dpp_pruning.real_data import first_layer_pruning, real_data_sweep
     setup = prepared(args, data)
     hidden, inputs = setup.drawer.hidden, setup.drawer.inputs
     k = args.k if args.k is not None else first_layer_pruning.k_for_fraction(
@@ -185,8 +180,7 @@ def run_sweep(args, data):
 
 def main(argv=None):
     args = parse_args(argv)
-    from dpp_pruning.real_data import image_datasets
-    from dpp_pruning.real_data import mlp_training
+    from dpp_pruning.real_data import image_datasets, mlp_training
     validate(args)
     args.device = cli.resolve_device(args.device)
     threads = args.threads or (1 if args.dataset == "digits" else None)

@@ -65,8 +65,8 @@ def main(argv=None):
     args = parse_args(argv)
     validate(args)
     from dpp_pruning.base.data import generate_teacher
-    from dpp_pruning.base.storage import save_pickle
     from dpp_pruning.base.progress import Bar
+    from dpp_pruning.base.storage import save_pickle
     start = time.time()
     total = args.num_data + args.num_data // 10
     with Bar(total, "generating", unit="sample", unit_scale=True) as bar:

@@ -10,7 +10,13 @@ import os
 import time
 
 from dpp_pruning.base import cli
-from dpp_pruning.base.choices import IMPORTANCE_RULES, MODES, NONLINEARITIES, PRUNING_CHOICES, k_range
+from dpp_pruning.base.choices import (
+    IMPORTANCE_RULES,
+    MODES,
+    NONLINEARITIES,
+    PRUNING_CHOICES,
+    k_range,
+)
 
 # torch, numba and scipy (workflow, storage, models) are imported inside the functions that
 # need them, once the flags are read: --help and flag errors come back in a fraction of a second.
@@ -161,7 +167,12 @@ def _same_file(a, b):
 def preflight(args):
     """Before any work: every input file is there, every output can be written, and the job
     fits in memory."""
-    from dpp_pruning.base.storage import FileProblem, check_folder_writable, check_readable, check_writable
+    from dpp_pruning.base.storage import (
+        FileProblem,
+        check_folder_writable,
+        check_readable,
+        check_writable,
+    )
     check_readable(args.teacher_path, "teacher file")
     inputs = [("--teacher_path", args.teacher_path)]
     outputs = []
@@ -221,8 +232,9 @@ def load_teacher(args):
 
 def load_student(args):
     import torch
-    from models import student_from_weights
+
     from dpp_pruning.base.storage import load_state_dict
+    from models import student_from_weights
     state = load_state_dict(args.trained_weights)
     w1, w2 = state.get("w1.weight"), state.get("w2.weight")
     if w1 is None or w2 is None:
@@ -243,10 +255,11 @@ def load_student(args):
 
 def run_training(args, teacher):
     import torch
+
     from dpp_pruning.base import workflow
-    from dpp_pruning.theory.order_param_odes import IntegrationError
     from dpp_pruning.base.progress import Bar
     from dpp_pruning.base.storage import save_state_dict
+    from dpp_pruning.theory.order_param_odes import IntegrationError
     out = output_path(args)
     start = time.time()
     with Bar(len(teacher) * args.epoch, "online SGD", unit="sample", unit_scale=True) as bar:
@@ -290,6 +303,7 @@ def dpp_edge_kernels(args, teacher, student):
     """dpp_edge kernels of the rescaled student: read from the kernel pickle with
     --load_from_pkl 1, otherwise built and saved there for the next run."""
     import numpy as np
+
     from dpp_pruning.base import workflow
     from dpp_pruning.base.storage import load_pickle, save_pickle
     path = kernel_path(args)
@@ -318,9 +332,9 @@ def dpp_edge_kernels(args, teacher, student):
 
 def run_pruning(args, teacher):
     from dpp_pruning.base import workflow
-    from dpp_sample_ts import KDPPError
     from dpp_pruning.base.progress import Bar
     from dpp_pruning.base.storage import save_pickle
+    from dpp_sample_ts import KDPPError
     student = load_student(args)
     out = output_path(args)
     kernels = dpp_edge_kernels(args, teacher, student) if args.pruning_choice == "dpp_edge" else None

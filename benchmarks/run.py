@@ -39,9 +39,9 @@ for _path in (ROOT, ROOT / "tests"):          # the project's modules; tests/ref
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from reference_steps import ref_edge_step                                 # noqa: E402
-from report import Report, fmt_mb, fmt_s                                  # noqa: E402
-from timed_steps import STEPS, Work, check, edge_step, file_bytes         # noqa: E402
+from reference_steps import ref_edge_step  # noqa: E402
+from report import Report, fmt_mb, fmt_s  # noqa: E402
+from timed_steps import STEPS, Work, check, edge_step, file_bytes  # noqa: E402
 
 # Problem sizes. `ref_*`: the reduced sizes at which the reference (original approach) runs.
 SCALES = {
@@ -92,11 +92,12 @@ def run_child(cmd, log_path, cwd=ROOT):
 
 
 def machine_facts():
+    from importlib import metadata
+
     import numba
     import numpy
     import scipy
     import torch
-    from importlib import metadata
     try:
         dppy_version = metadata.version("dppy")
     except metadata.PackageNotFoundError:

@@ -12,9 +12,9 @@ import time
 
 import pytest
 
+import reproduce
 from dpp_pruning.base import cli
 from dpp_pruning.experiments import executors
-import reproduce
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "smoke_run")

@@ -11,13 +11,20 @@ import mpmath
 import numpy as np
 import pytest
 
-from dpp_pruning.theory import expectations
 from dpp_pruning.base import workflow
 from dpp_pruning.base.data import generate_teacher
-from dpp_sample_ts import (KDPP, KDPPError, draw_masks, exact_subset_probabilities,
-                           importance_node_keep, node_kernel, normalise_rows)
+from dpp_pruning.theory import expectations
 from dpp_pruning.theory.mask_marginals import BernoulliMarginals, KDPPMarginals, kdpp_eigen_ratios
 from dpp_pruning.theory.order_params import gaussian_moment, generalisation_error, order_parameters
+from dpp_sample_ts import (
+    KDPP,
+    KDPPError,
+    draw_masks,
+    exact_subset_probabilities,
+    importance_node_keep,
+    node_kernel,
+    normalise_rows,
+)
 
 N, P, K = 40, 64000, 6
 Z = 4.5            # standard errors allowed between a sampled mean and its expectation

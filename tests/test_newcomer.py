@@ -13,7 +13,6 @@ from dpp_pruning.base import progress
 from dpp_pruning.base.data import generate_teacher
 from entry_points import call
 
-
 # ----------------------------------------------------------------------------------------
 # Fewer samples than input dimensions: the Gram matrix is singular and must look it.
 
@@ -125,11 +124,10 @@ def test_help_shows_every_default(script):
 
 def test_light_names_agree_with_the_heavy_modules():
     import dpp_sample_ts
-    from dpp_pruning.real_data import first_layer_pruning
     import real_data
-    from dpp_pruning.real_data import real_data_sweep
-    from dpp_pruning.experiments import sweep
     from dpp_pruning.base.choices import IMPORTANCE_RULES, PRUNING_CHOICES, SWEEP_PRESETS, k_range
+    from dpp_pruning.experiments import sweep
+    from dpp_pruning.real_data import first_layer_pruning, real_data_sweep
     assert {name: p.granularity for name, p in dpp_sample_ts.PRUNERS.items()} == PRUNING_CHOICES
     assert IMPORTANCE_RULES == dpp_sample_ts.IMPORTANCE_RULES
     assert tuple(PRUNING_CHOICES) == sweep.ALL_METHODS
@@ -211,6 +209,7 @@ def test_progress_on_a_terminal_is_a_tqdm_bar():
 
 def test_heatmap_numbers_are_white_on_dark_cells_and_black_on_light_ones():
     import matplotlib
+
     from dpp_pruning.experiments import plots
     cmap = matplotlib.colormaps["RdBu_r"]
     assert plots.text_colour(cmap(0.0)) == "white"      # dark blue, R = -1
@@ -250,6 +249,7 @@ def run_of(df):
 
 def test_points_are_means_over_students_with_t_intervals_across_them():
     import scipy.stats
+
     from dpp_pruning.experiments import figures
     df = figures.selected_rows(run_of(results(4, 3, lambda s, r: 1.0 + s + 0.1 * r)))
     row = figures._summary(df).iloc[0]
@@ -262,6 +262,7 @@ def test_points_are_means_over_students_with_t_intervals_across_them():
 
 def test_with_one_student_the_intervals_are_across_rounds():
     import scipy.stats
+
     from dpp_pruning.experiments import figures
     df = figures.selected_rows(run_of(results(1, 5, lambda s, r: 2.0 + r)))
     row = figures._summary(df).iloc[0]
@@ -283,8 +284,8 @@ class Smoke:
 
 
 def test_notebook_without_results_runs_only_the_smoke_preset_and_says_so(tmp_path, monkeypatch):
-    from dpp_pruning.experiments import figures
     import reproduce
+    from dpp_pruning.experiments import figures
     monkeypatch.delenv("REPRO_OUT", raising=False)
     monkeypatch.delenv("REPRO_PRESET", raising=False)
     monkeypatch.setattr(figures, "ROOT", str(tmp_path))
@@ -301,8 +302,8 @@ def test_notebook_without_results_runs_only_the_smoke_preset_and_says_so(tmp_pat
 
 @pytest.mark.parametrize("env", [{"REPRO_PRESET": "paper"}, {"REPRO_OUT": "elsewhere"}])
 def test_notebook_pointed_at_a_missing_run_stops_with_the_command(tmp_path, monkeypatch, env):
-    from dpp_pruning.experiments import figures
     import reproduce
+    from dpp_pruning.experiments import figures
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("REPRO_OUT", raising=False)
     monkeypatch.delenv("REPRO_PRESET", raising=False)

@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from dpp_pruning.theory import order_param_odes as ode
-import teacher_student
 from dpp_pruning.base import workflow
 from dpp_pruning.base.data import generate_teacher
+from dpp_pruning.theory import order_param_odes as ode
 from dpp_pruning.theory.order_params import generalisation_error
 
 
@@ -144,8 +143,8 @@ def test_segmented_training_is_bit_identical(small_teacher, mode, epochs):
 
 
 def test_cli_writes_the_training_curve(small_teacher, tmp_path):
-    from entry_points import call
     from dpp_pruning.base.storage import save_pickle
+    from entry_points import call
     save_pickle(small_teacher, tmp_path / "teacher.pkl")
     common = ["--input_dim", 200, "--student_h_size", 3, "--teacher_path",
               tmp_path / "teacher.pkl", "--output_dir", tmp_path]
@@ -216,8 +215,8 @@ def test_notebook_shows_the_users_training_curve(root, tmp_path, monkeypatch):
 
 
 def test_cli_reports_a_failed_integration(small_teacher, tmp_path, monkeypatch):
-    from entry_points import call
     from dpp_pruning.base.storage import save_pickle
+    from entry_points import call
 
     def fail(*args, **kwargs):
         raise ode.IntegrationError("the ODE integration failed: step size too small")

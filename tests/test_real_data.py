@@ -185,7 +185,7 @@ def digits_setup():
 def test_digits_split_and_training(digits_setup):
     data = digits_setup.data
     assert data.x_train.shape == (1347, 64) and data.x_test.shape == (450, 64)
-    assert 0.0 <= float(data.x_train.min()) and float(data.x_train.max()) <= 1.0
+    assert float(data.x_train.min()) >= 0.0 and float(data.x_train.max()) <= 1.0
     assert digits_setup.unpruned_error < 8.0
 
 

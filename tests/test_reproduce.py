@@ -10,11 +10,9 @@ import numpy as np
 import pytest
 from nbclient import NotebookClient
 
-from dpp_pruning.experiments import claims
 import reproduce
 from dpp_pruning.base import cli
-from dpp_pruning.experiments import study
-from dpp_pruning.experiments import sweep
+from dpp_pruning.experiments import claims, study, sweep
 from dpp_pruning.experiments.run_tables import EXPECTATION_COLUMNS, RESULT_COLUMNS
 
 

@@ -12,10 +12,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from dpp_pruning.base import cli
 import reproduce
-from dpp_pruning.experiments import study
-from dpp_pruning.experiments import sweep
+from dpp_pruning.base import cli
+from dpp_pruning.experiments import study, sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

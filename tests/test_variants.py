@@ -8,10 +8,10 @@ import pytest
 
 from dpp_pruning.base import workflow
 from dpp_pruning.base.data import generate_teacher
+from dpp_pruning.base.storage import load_pickle, load_state_dict
 from dpp_sample_ts import importance_node_keep
 from entry_points import call
 from models import student_from_weights
-from dpp_pruning.base.storage import load_pickle, load_state_dict
 
 N, P, K = 30, 48000, 6
 

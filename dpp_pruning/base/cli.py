@@ -252,6 +252,7 @@ def check_same_teacher(masks, teacher, path, teacher_path, again):
 def check_student(student, path, what="masks file"):
     """Raise UserError unless `student` (a models.Student) has finite float weights."""
     import torch
+
     from models import Student
     if not isinstance(student, Student):
         raise UserError(f"{what} {path} does not hold a student network")
@@ -265,6 +266,7 @@ def check_masks(content, path, input_dim=None, teacher=None, teacher_path=None):
     """Raise UserError unless `content` is the (unpruned student, MaskList) a pruning run wrote,
     with 0/1 masks of the right shape, for `input_dim` and `teacher` if given."""
     import numpy as np
+
     from dpp_pruning.base.choices import k_range
     from dpp_sample_ts import PRUNERS, MaskList
     again = "prune again with teacher_student.py --procedure pruning"

@@ -11,13 +11,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dpp_pruning.theory import expectations
-from dpp_pruning.theory import order_param_odes
 from dpp_pruning.base import training
-from dpp_sample_ts import (PRUNERS, MaskList, draw_masks, edge_kernel, normalise_rows,
-                           pruned_students)
-from models import Student, activation, student_from_weights
+from dpp_pruning.theory import expectations, order_param_odes
 from dpp_pruning.theory.order_params import generalisation_error, order_parameters
+from dpp_sample_ts import (
+    PRUNERS,
+    MaskList,
+    draw_masks,
+    edge_kernel,
+    normalise_rows,
+    pruned_students,
+)
+from models import Student, activation, student_from_weights
 
 
 def student_filename(student_h_size):

@@ -12,7 +12,6 @@ students as error bars; with one student, means over rounds with 95% t-intervals
 rounds. Only rows with `rescale` = 1 (rows rescaled to norm sqrt(N) before pruning, the
 default) are shown.
 """
-import json
 import os
 
 import matplotlib.colors
@@ -22,15 +21,13 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
-from dpp_pruning.experiments import claims as claims_module
 import reproduce
 from dpp_pruning import ROOT
-from dpp_pruning.experiments import study
-from dpp_pruning.experiments import sweep
+from dpp_pruning.experiments import claims as claims_module
+from dpp_pruning.experiments import study, sweep
+from dpp_pruning.experiments.plots import band, method_offsets, method_style, percent_axis
 from dpp_pruning.theory.expectations import expected_random_edge_loss
 from dpp_pruning.theory.order_params import NotSpecialised, block_order
-from dpp_pruning.experiments.plots import band, method_offsets, method_style, percent_axis
-
 
 
 class NoResults(Exception):

@@ -16,8 +16,8 @@ import os
 
 import numpy as np
 
-from dpp_pruning.experiments import sweep
 from dpp_pruning.base.storage import atomic_open
+from dpp_pruning.experiments import sweep
 
 RESULT_COLUMNS = ("student", "noise", "teacher_h_size", "student_h_size", "rescale", "method",
                   "reweighting", "k", "nodes_equivalent", "fraction_kept", "round", "test_loss",

@@ -40,8 +40,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dpp_sample_ts import (KDPP, PRUNERS, draw_masks, gaussian_kernel, gaussian_kernels,
-                           reweight_edges_batched, reweight_nodes)
+from dpp_sample_ts import (
+    KDPP,
+    PRUNERS,
+    draw_masks,
+    gaussian_kernel,
+    gaussian_kernels,
+    reweight_edges_batched,
+    reweight_nodes,
+)
 from models import MLP
 
 METHODS = tuple(PRUNERS)                         # the six pruning strategies

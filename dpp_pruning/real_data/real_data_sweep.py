@@ -14,14 +14,28 @@ import time
 from dataclasses import dataclass
 
 from dpp_pruning.base.cli import UserError
-from dpp_pruning.real_data.first_layer_pruning import (DPP_METHODS, METHODS, FirstLayerStats, MaskDrawer,
-                                 first_layer_stats, granularity, k_for_fraction, kept_fraction,
-                                 nominal_fraction, prune_first_layer)
-from dpp_pruning.real_data.image_datasets import Data, load_dataset
-from dpp_pruning.real_data.mlp_training import (cpu_threads, error_percent, load_weights, train_and_save,
-                          weights_id)
-from models import MLP
 from dpp_pruning.base.storage import atomic_open
+from dpp_pruning.real_data.first_layer_pruning import (
+    DPP_METHODS,
+    METHODS,
+    FirstLayerStats,
+    MaskDrawer,
+    first_layer_stats,
+    granularity,
+    k_for_fraction,
+    kept_fraction,
+    nominal_fraction,
+    prune_first_layer,
+)
+from dpp_pruning.real_data.image_datasets import Data, load_dataset
+from dpp_pruning.real_data.mlp_training import (
+    cpu_threads,
+    error_percent,
+    load_weights,
+    train_and_save,
+    weights_id,
+)
+from models import MLP
 
 log = logging.getLogger("dpp_pruning.real_data")
 

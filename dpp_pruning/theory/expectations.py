@@ -29,10 +29,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dpp_sample_ts import (PRUNERS, edge_kernel, importance_node_keep, node_kernel,
-                           reweight_edges, sampler, solve_psd)
 from dpp_pruning.theory.mask_marginals import BernoulliMarginals, FixedMarginals, KDPPMarginals
-from dpp_pruning.theory.order_params import generalisation_error, order_parameters, random_edge_expected
+from dpp_pruning.theory.order_params import (
+    generalisation_error,
+    order_parameters,
+    random_edge_expected,
+)
+from dpp_sample_ts import (
+    PRUNERS,
+    edge_kernel,
+    importance_node_keep,
+    node_kernel,
+    reweight_edges,
+    sampler,
+    solve_psd,
+)
 
 NODE_METHODS = ("dpp_node", "random_node", "importance_node")
 EDGE_METHODS = ("dpp_edge", "random_edge", "importance_edge")
