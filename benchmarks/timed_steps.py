@@ -116,7 +116,7 @@ def step_pickle_io(cfg, work):
     arrays = [getattr(teacher, name).numpy() for name in
               ("w1", "w2", "inputs", "labels", "test_inputs", "test_labels", "gram")]
 
-    def raw_write():
+    def raw_write(arrays):
         with open(raw, "wb") as f:
             for a in arrays:
                 f.write(memoryview(np.ascontiguousarray(a)).cast("B"))
@@ -133,10 +133,10 @@ def step_pickle_io(cfg, work):
         return out
 
     writes_raw, writes_pkl, reads_raw, reads_pkl = [], [], [], [read_pkl]
-    writes_raw.append(timed(raw_write)[1])
+    writes_raw.append(timed(raw_write, arrays)[1])
     writes_pkl.append(timed(save_pickle, teacher, copy)[1])
     writes_pkl.append(timed(save_pickle, teacher, copy)[1])
-    writes_raw.append(timed(raw_write)[1])
+    writes_raw.append(timed(raw_write, arrays)[1])
     nbytes_pkl, nbytes_raw = file_bytes(copy), file_bytes(raw)
     del teacher, arrays
     for _ in range(2):
