@@ -34,8 +34,10 @@ def parse_args(argv=None):
 
 
 def png_path(args):
-    stem = os.path.splitext(os.path.basename(args.path_to_student_mask))[0].replace("student_masks_", "")
-    return os.path.join(args.output_dir, f"order_params_{stem}{'_rw' if args.reweighting else ''}.png")
+    stem = os.path.splitext(os.path.basename(args.path_to_student_mask))[0]
+    stem = stem.replace("student_masks_", "")
+    return os.path.join(args.output_dir,
+                        f"order_params_{stem}{'_rw' if args.reweighting else ''}.png")
 
 
 def preflight(args):
@@ -122,13 +124,15 @@ def main(argv=None):
     cli.log.info(f"T (teacher-teacher):\n{fmt(t)}")
     cli.log.info(f"Q (unpruned student), {title}:\n{fmt(q[np.ix_(order, order)])}")
     cli.log.info(f"R (unpruned student-teacher):\n{fmt(r[order])}")
-    label = f"{masks.choice}, k = {masks.k}, {len(masks)} masks" + (", reweighted" if args.reweighting else "")
+    label = (f"{masks.choice}, k = {masks.k}, {len(masks)} masks"
+             + (", reweighted" if args.reweighting else ""))
     cli.log.info(f"expected Q over masks ({label}):\n{fmt(eq[np.ix_(order, order)])}")
     cli.log.info(f"expected R over masks:\n{fmt(er[order])}")
 
     v = student.w2.weight.detach().double().numpy().ravel()
     theory_unpruned = float(workflow.predicted_loss(teacher, w1, v, student.nonlinearity))
-    theory_pruned = workflow.predicted_loss(teacher, result.weights, result.outs, student.nonlinearity)
+    theory_pruned = workflow.predicted_loss(teacher, result.weights, result.outs,
+                                            student.nonlinearity)
     sigma2 = 0.5 * teacher.noise_std ** 2
     cli.log.info(f"generalisation error from theory, unpruned: {theory_unpruned - sigma2:.6g}")
     cli.log.info(f"generalisation error from theory, pruned (avg. over masks): "

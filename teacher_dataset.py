@@ -26,7 +26,8 @@ def parse_args(argv=None):
                         help="sigma, standard deviation of the Gaussian output noise")
     parser.add_argument("--v_star", type=float, default=4,
                         help="the teacher's second-layer weight in mode normal")
-    parser.add_argument("--seed", type=int, default=1, help="seed of every draw (teacher weights, inputs, noise)")
+    parser.add_argument("--seed", type=int, default=1,
+                        help="seed of every draw (teacher weights, inputs, noise)")
     parser.add_argument("--device", type=str, default="cpu",
                         help="torch device that draws the data: cpu or cuda (a different stream; "
                         "bit-identical only on the CPU)")

@@ -256,7 +256,7 @@ def step_ref_random_edge_rw(cfg, work):
     x64 = x.astype(np.float64)
     gram = x64.T @ x64 / len(x)
     err_edge = max(max_rel(reweight_edges(w1, m.astype(bool), gram), f)
-                   for m, f in zip(some, fits))
+                   for m, f in zip(some, fits, strict=True))
     sub = sub_teacher(ref, len(x))
     ours = workflow.test_masks(sub, unpruned, some[:1], "random_edge", True).losses
     err_loss = max_rel(ours, losses)

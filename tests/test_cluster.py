@@ -51,8 +51,8 @@ def test_smoke_study_on_a_dask_cluster_is_byte_identical_to_jobs_1(cluster, tmp_
                     "--scheduler", cluster.address])
     _same_as_fixture(out)
     printed = capsys.readouterr()
-    assert f"the workers of the Dask scheduler {cluster.address} (2 now; dashboard http://127.0.0.1:" \
-        in printed.out
+    assert (f"the workers of the Dask scheduler {cluster.address} "
+            "(2 now; dashboard http://127.0.0.1:") in printed.out
     assert "smoke grid: 100%" in printed.err               # the same progress bar
     assert not (out / ".lock").exists()
 

@@ -187,7 +187,8 @@ def test_dpp_node_subset_probabilities_are_the_sampling_frequencies():
     index = {tuple(s): i for i, s in enumerate(subsets)}
     freq = np.bincount([index[tuple(d)] for d in draws], minlength=len(subsets)) / len(draws)
     assert probs.max() > 10 * probs.min()                                    # far from uniform
-    np.testing.assert_array_less(np.abs(freq - probs), Z * np.sqrt(probs * (1 - probs) / len(draws)))
+    np.testing.assert_array_less(np.abs(freq - probs),
+                                 Z * np.sqrt(probs * (1 - probs) / len(draws)))
 
 
 def test_dpp_node_agrees_with_random_node_at_one_node(trained):
@@ -351,7 +352,7 @@ def test_edge_moments_are_exact_for_bernoulli_masks_by_enumeration():
     masks = bits.reshape(-1, num_nodes, n).astype(np.float64)                # (4096, K, N)
     prob = f ** bits.sum(axis=1) * (1 - f) ** (num_nodes * n - bits.sum(axis=1))   # (4096,)
     q, r, _ = order_parameters(w1 * masks, w_star)
-    points = np.stack([theta.pack(a, b) for a, b in zip(q, r)])              # (4096, D)
+    points = np.stack([theta.pack(a, b) for a, b in zip(q, r, strict=True)])  # (4096, D)
     exact_mean = prob @ points
     exact_cov = (points - exact_mean).T @ ((points - exact_mean) * prob[:, None])
     assert prob.sum() == pytest.approx(1.0, rel=1e-12)

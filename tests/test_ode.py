@@ -78,8 +78,9 @@ def test_right_hand_side_matches_averaged_sgd_steps():
     parts = []
     for _ in range(8):
         x = rng.standard_normal((25_000, n))
-        parts.append(sgd_step_changes(w, v, w_star, v_star, x, sigma * rng.standard_normal(25_000), lr))
-    dq_s, dr_s, dv_s, finite = (np.concatenate(p) for p in zip(*parts))
+        parts.append(sgd_step_changes(w, v, w_star, v_star, x,
+                                      sigma * rng.standard_normal(25_000), lr))
+    dq_s, dr_s, dv_s, finite = (np.concatenate(p) for p in zip(*parts, strict=True))
     q, r, t, _ = ode.initial_conditions(w, v, w_star)
     dq, dr, dv = ode.derivatives(q, r, t, v, v_star, lr, sigma)
     se = lambda a: a.std(0) / math.sqrt(len(a))   # noqa: E731
@@ -207,7 +208,8 @@ def test_notebook_shows_the_users_training_curve(root, tmp_path, monkeypatch):
     outputs = run_ode_notebook(root)
     assert outputs[0].startswith(f"reading {curve} (TRAINING_CURVE)")
     assert (f"{len(table)} points, alpha up to 100; final test loss "
-            f"{table['test_loss'][-1]:.5f} simulated, {table['ode_loss'][-1]:.5f} ODE") in outputs[1]
+            f"{table['test_loss'][-1]:.5f} simulated, {table['ode_loss'][-1]:.5f} ODE"
+            ) in outputs[1]
     assert "training_curve_3.csv" in outputs[3] and "largest gap" in outputs[3]
     assert "sigma =" not in "".join(outputs)                  # no run of the notebook's own
     assert (tmp_path / "figures" / "ode_test_loss.png").read_bytes()[:4] == b"\x89PNG"

@@ -112,4 +112,5 @@ def test_generated_students_differ_from_rescaled_ones():
     r = workflow.rescaled(trained).w1.weight.detach().double().numpy()
     np.testing.assert_allclose(np.linalg.norm(r, axis=1), np.sqrt(N))
     np.testing.assert_allclose(r / np.linalg.norm(r, axis=1, keepdims=True),
-                               w / np.linalg.norm(w, axis=1, keepdims=True), rtol=1e-6)  # stored in float32
+                               w / np.linalg.norm(w, axis=1, keepdims=True),
+                               rtol=1e-6)  # stored in float32

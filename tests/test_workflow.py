@@ -57,7 +57,8 @@ def test_readme_commands_dpp_node_and_dpp_edge(run_dir, root):
             "--trained_weights", f"student_{K}.pth", "--procedure", "pruning", "--num_masks", 20,
             "--k", k)
         out = cli(root, run_dir, "teacher_student.py", *common(), "--trained_weights",
-                  f"student_{K}.pth", "--procedure", "testing", "--pruning_choice", choice, "--k", k)
+                  f"student_{K}.pth", "--procedure", "testing", "--pruning_choice", choice,
+                  "--k", k)
         loss = float(re.search(r"pruned MLP avg\. test loss: (\S+)", out).group(1))
         assert np.isfinite(loss) and loss > 0
         out = cli(root, run_dir, "evaluate.py", "--path_to_student_mask",

@@ -53,7 +53,8 @@ class RunFolderError(ValueError):
 
 @dataclass(frozen=True)
 class Dataset:
-    """One teacher and its data: student set s, noise level, teacher size (None: the study's own M)."""
+    """One teacher and its data: student set s, noise level, teacher size (None: the study's
+    own M)."""
     student: int
     noise: float
     teacher_h_size: int = None

@@ -200,7 +200,8 @@ class MaskDrawer:
             kernels = gaussian_kernels(gram, self.beta, EPS, w[start:start + self.node_batch])
             if self.eig_on_device:
                 vals, vecs = torch.linalg.eigh(kernels)
-                batch = [KDPP.from_eig(v, u) for v, u in zip(vals.cpu().numpy(), vecs.cpu().numpy())]
+                batch = [KDPP.from_eig(v, u)
+                         for v, u in zip(vals.cpu().numpy(), vecs.cpu().numpy(), strict=True)]
             else:
                 batch = [KDPP(kernel) for kernel in kernels.numpy()]
             for offset, kdpp in enumerate(batch):

@@ -79,7 +79,8 @@ def _locked(path):
     name = lock_path(path)
     os.makedirs(os.path.dirname(name), exist_ok=True)
     while True:
-        lock = open(name, "a")
+        # held (and locked) past the loop until the block ends; closed below or in finally
+        lock = open(name, "a")  # noqa: SIM115
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             current = os.stat(name)
@@ -198,7 +199,8 @@ def sweep(setup, *, methods=METHODS, fractions=FRACTIONS, rounds=3, seed=0,
         todo = {}
         for k in ks:
             for r in range(rounds):
-                missing = [rw for rw in reweightings if _key(setup, method, rw, seed, k, r) not in done]
+                missing = [rw for rw in reweightings
+                           if _key(setup, method, rw, seed, k, r) not in done]
                 if missing:
                     todo.setdefault(k, {})[r] = missing
         if not todo:
