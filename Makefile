@@ -3,7 +3,7 @@
 # redone only when requirements.txt changes.
 PYTHON ?= python3
 
-.PHONY: install demo test bench reproduce clean
+.PHONY: install demo test lint bench reproduce clean
 
 install: .installed
 
@@ -16,6 +16,9 @@ demo: install
 
 test: install
 	$(PYTHON) -m pytest -q
+
+lint: install
+	$(PYTHON) -m ruff check .
 
 bench: install
 	$(PYTHON) benchmarks/run.py

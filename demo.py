@@ -17,7 +17,8 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-METHODS = ("dpp_node", "random_node", "importance_node", "dpp_edge", "random_edge", "importance_edge")
+METHODS = ("dpp_node", "random_node", "importance_node", "dpp_edge", "random_edge",
+           "importance_edge")
 
 
 def run(args, cwd):
@@ -58,14 +59,15 @@ def main():
              str(opts.num_masks), "--k", str(k)], opts.out)
         losses = []
         for rw in (0, 1):
-            out = run(["teacher_student.py", *common, "--trained_weights", f"student_{k_student}.pth",
-                       "--procedure", "testing", "--pruning_choice", method, "--k", str(k),
-                       "--reweighting", str(rw)], opts.out)
+            out = run(["teacher_student.py", *common, "--trained_weights",
+                       f"student_{k_student}.pth", "--procedure", "testing", "--pruning_choice",
+                       method, "--k", str(k), "--reweighting", str(rw)], opts.out)
             losses.append(float(re.search(r"pruned MLP avg\. test loss: (\S+)", out).group(1)))
         rows.append((method, k, *losses))
     for method, k in (("dpp_node", opts.node_k), ("dpp_edge", edge_k)):
-        print(run(["evaluate.py", "--path_to_student_mask", f"student_masks_{method}_{k_student}_{k}.pkl",
-                   "--path_to_teacher", "teacher.pkl", "--input_dim", str(n)], opts.out))
+        print(run(["evaluate.py", "--path_to_student_mask",
+                   f"student_masks_{method}_{k_student}_{k}.pkl", "--path_to_teacher",
+                   "teacher.pkl", "--input_dim", str(n)], opts.out))
     print(f"\nN = {n}, P = {opts.num_data}, student 6 -> {opts.node_k} nodes or {edge_k} weights "
           f"per node ({opts.num_masks} masks); trained student's test loss {unpruned}\n")
     print(f"{'pruning_choice':<16} {'k':>4} {'test loss':>12} {'reweighted':>12}")
@@ -78,21 +80,24 @@ def main():
 def digits_table(out):
     """The real-data path offline: an MLP on scikit-learn's digits, first layer pruned."""
     folder = os.path.join(out, "digits")
-    run(["real_data.py", "--dataset", "digits", "--procedure", "training", "--output_dir", "digits"], out)
+    run(["real_data.py", "--dataset", "digits", "--procedure", "training", "--output_dir",
+         "digits"], out)
     run(["real_data.py", "--dataset", "digits", "--procedure", "sweep", "--fractions", "0.2,0.5",
          "--rounds", "3", "--output_dir", "digits"], out)
     with open(os.path.join(folder, "real_data_results.csv")) as f:
         rows = list(csv.DictReader(f))
     errors = collections.defaultdict(list)
     for row in rows:
-        errors[row["method"], round(float(row["fraction"]), 1), int(row["reweighting"])].append(float(row["test_error"]))
+        key = row["method"], round(float(row["fraction"]), 1), int(row["reweighting"])
+        errors[key].append(float(row["test_error"]))
     print(f"\ndigits MLP 64-100-100-10, first layer pruned; unpruned test error "
           f"{float(rows[0]['unpruned_test_error']):.2f}%, mean over 3 rounds")
     print(f"{'pruning_choice':<16} {'20% kept':>9} {'+ rw':>7} {'50% kept':>9} {'+ rw':>7}")
     for method in METHODS:
         cells = [sum(v) / len(v) for f in (0.2, 0.5) for rw in (0, 1)
                  for v in [errors[method, f, rw]]]
-        print(f"{method:<16} " + " ".join(f"{c:>{w}.2f}" for c, w in zip(cells, (9, 7, 9, 7))))
+        print(f"{method:<16} " + " ".join(f"{c:>{w}.2f}"
+                                          for c, w in zip(cells, (9, 7, 9, 7), strict=True)))
 
 
 if __name__ == "__main__":

@@ -12,9 +12,8 @@ import collections
 import csv
 import os
 
-from dpp_pruning.experiments import claims
 from dpp_pruning.base import cli
-from dpp_pruning.experiments import study
+from dpp_pruning.experiments import claims, study
 
 
 def read_run(folder):
@@ -117,9 +116,10 @@ def build(folder, bench=None):
     record, students, date, tables = read_run(folder)
     out = verdict_tables(tables["claims"], record, students, date)
     out["test_loss.md"] = loss_table(
-        tables["results"], "test_loss", "Measured test loss", "Measured test loss, mean over students "
-        "of each student's mean over rounds of masks, per method and hidden nodes kept (or the "
-        "same parameters in edges).", record, students, date)
+        tables["results"], "test_loss", "Measured test loss",
+        "Measured test loss, mean over students of each student's mean over rounds of masks, "
+        "per method and hidden nodes kept (or the same parameters in edges).",
+        record, students, date)
     expected = [r for r in tables["expectations"] if r["expected"] != "nan"]
     out["expected_loss.md"] = loss_table(
         expected, "expected", "Expected test loss over the mask distribution", "Expected test "

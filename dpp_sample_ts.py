@@ -281,7 +281,7 @@ def exact_subset_probabilities(L, k):
     subsets = list(itertools.combinations(range(L.shape[0]), k))
     idx = np.array(subsets, dtype=np.int64).reshape(len(subsets), k)  # (s, k)
     dets = np.maximum(np.linalg.det(L[idx[:, :, None], idx[:, None, :]]), 0.0)  # (s,)
-    return dict(zip(subsets, (dets / dets.sum()).tolist()))
+    return dict(zip(subsets, (dets / dets.sum()).tolist(), strict=True))
 
 
 def exact_inclusion_probabilities(L, k):

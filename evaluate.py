@@ -34,8 +34,10 @@ def parse_args(argv=None):
 
 
 def png_path(args):
-    stem = os.path.splitext(os.path.basename(args.path_to_student_mask))[0].replace("student_masks_", "")
-    return os.path.join(args.output_dir, f"order_params_{stem}{'_rw' if args.reweighting else ''}.png")
+    stem = os.path.splitext(os.path.basename(args.path_to_student_mask))[0]
+    stem = stem.replace("student_masks_", "")
+    return os.path.join(args.output_dir,
+                        f"order_params_{stem}{'_rw' if args.reweighting else ''}.png")
 
 
 def preflight(args):
@@ -43,7 +45,12 @@ def preflight(args):
     cli.positive("--input_dim", args.input_dim)
     if not 0 < args.threshold <= 1:
         raise cli.UserError(f"--threshold must be in (0, 1], got {args.threshold}")
-    from dpp_pruning.base.storage import FileProblem, check_folder_writable, check_readable, check_writable
+    from dpp_pruning.base.storage import (
+        FileProblem,
+        check_folder_writable,
+        check_readable,
+        check_writable,
+    )
     check_readable(args.path_to_teacher, "teacher file")
     try:
         check_readable(args.path_to_student_mask, "masks file")
@@ -82,12 +89,13 @@ def main(argv=None):
     args.device = cli.resolve_device(args.device)
     preflight(args)
     import numpy as np
-    from dpp_pruning.experiments import plots
+
     import teacher_student
     from dpp_pruning.base import workflow
-    from dpp_sample_ts import PRUNERS
-    from dpp_pruning.theory.order_params import NotSpecialised, block_order, order_parameters
     from dpp_pruning.base.progress import Bar
+    from dpp_pruning.experiments import plots
+    from dpp_pruning.theory.order_params import NotSpecialised, block_order, order_parameters
+    from dpp_sample_ts import PRUNERS
     teacher, student, masks = load_inputs(args)
     w1 = student.w1.weight.detach().double().numpy()
     q, r, t = order_parameters(w1, teacher.w1.numpy())
@@ -116,13 +124,15 @@ def main(argv=None):
     cli.log.info(f"T (teacher-teacher):\n{fmt(t)}")
     cli.log.info(f"Q (unpruned student), {title}:\n{fmt(q[np.ix_(order, order)])}")
     cli.log.info(f"R (unpruned student-teacher):\n{fmt(r[order])}")
-    label = f"{masks.choice}, k = {masks.k}, {len(masks)} masks" + (", reweighted" if args.reweighting else "")
+    label = (f"{masks.choice}, k = {masks.k}, {len(masks)} masks"
+             + (", reweighted" if args.reweighting else ""))
     cli.log.info(f"expected Q over masks ({label}):\n{fmt(eq[np.ix_(order, order)])}")
     cli.log.info(f"expected R over masks:\n{fmt(er[order])}")
 
     v = student.w2.weight.detach().double().numpy().ravel()
     theory_unpruned = float(workflow.predicted_loss(teacher, w1, v, student.nonlinearity))
-    theory_pruned = workflow.predicted_loss(teacher, result.weights, result.outs, student.nonlinearity)
+    theory_pruned = workflow.predicted_loss(teacher, result.weights, result.outs,
+                                            student.nonlinearity)
     sigma2 = 0.5 * teacher.noise_std ** 2
     cli.log.info(f"generalisation error from theory, unpruned: {theory_unpruned - sigma2:.6g}")
     cli.log.info(f"generalisation error from theory, pruned (avg. over masks): "

@@ -94,7 +94,8 @@ class MLP(nn.Module):
     def __init__(self, sizes, dropout=0.0):
         super().__init__()
         self.sizes = tuple(int(s) for s in sizes)
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(self.sizes[:-1], self.sizes[1:]))
+        self.layers = nn.ModuleList(nn.Linear(a, b)
+                                    for a, b in zip(self.sizes[:-1], self.sizes[1:], strict=True))
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):

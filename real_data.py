@@ -56,15 +56,19 @@ def parse_args(argv=None):
     # training (defaults: the dataset's preset)
     p.add_argument("--batch_size", type=int, default=None, help="training batch size")
     p.add_argument("--test_batch_size", type=int, default=None, help="evaluation batch size")
-    p.add_argument("--lr", type=float, default=None, help="SGD learning rate (mnist/cifar10: 0.001)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="SGD learning rate (mnist/cifar10: 0.001)")
     p.add_argument("--momentum", type=float, default=None, help="SGD momentum (0.9)")
     p.add_argument("--epochs", type=int, default=None, help="maximum number of epochs (10)")
     p.add_argument("--dropout", type=float, default=None, help="dropout probability (0)")
     p.add_argument("--target_acc", type=float, default=None,
-                   help="stop once train accuracy (%%) reaches this (mnist 99, cifar10 50, digits 99)")
+                   help="stop once train accuracy (%%) reaches this (mnist 99, cifar10 50, "
+                        "digits 99)")
     # files
-    p.add_argument("--output_dir", default=".", help="folder of the --weights and --results files when those are not given")
-    p.add_argument("--weights", default=None, help="weights file (default <output_dir>/<dataset>_mlp.pth)")
+    p.add_argument("--output_dir", default=".",
+                   help="folder of the --weights and --results files when those are not given")
+    p.add_argument("--weights", default=None,
+                   help="weights file (default <output_dir>/<dataset>_mlp.pth)")
     p.add_argument("--results", default=None,
                    help="results CSV (default <output_dir>/real_data_results.csv)")
     return p.parse_args(argv)
@@ -81,14 +85,14 @@ def _float_list(flag, text):
 
 
 def validate(args):
-    from dpp_pruning.real_data import first_layer_pruning
-    from dpp_pruning.real_data import image_datasets
-    from dpp_pruning.real_data import mlp_training
     import models
+    from dpp_pruning.real_data import first_layer_pruning, image_datasets, mlp_training
     if args.dataset not in image_datasets.DATASETS:
-        raise cli.UserError(f"--dataset must be one of {', '.join(image_datasets.DATASETS)}, got {args.dataset!r}")
+        raise cli.UserError(f"--dataset must be one of {', '.join(image_datasets.DATASETS)}, "
+                            f"got {args.dataset!r}")
     if args.procedure not in PROCEDURES:
-        raise cli.UserError(f"--procedure must be one of {', '.join(PROCEDURES)}, got {args.procedure!r}")
+        raise cli.UserError(f"--procedure must be one of {', '.join(PROCEDURES)}, "
+                            f"got {args.procedure!r}")
     preset = mlp_training.PRESETS[args.dataset]
     for name in preset:
         if getattr(args, name) is None:
@@ -109,7 +113,8 @@ def validate(args):
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in args.methods + [args.pruning_choice]:
         if m not in first_layer_pruning.METHODS:
-            raise cli.UserError(f"unknown pruning method {m!r}; choose from {', '.join(first_layer_pruning.METHODS)}")
+            raise cli.UserError(f"unknown pruning method {m!r}; choose from "
+                                f"{', '.join(first_layer_pruning.METHODS)}")
     args.fractions = _float_list("--fractions", args.fractions)
     for f in args.fractions + ([args.fraction] if args.fraction is not None else []):
         if not 0 < f <= 1:
@@ -143,9 +148,7 @@ def run_training(args, data):
 
 
 def prepared(args, data):
-    from dpp_pruning.real_data import first_layer_pruning
-    from dpp_pruning.real_data import mlp_training
-    from dpp_pruning.real_data import real_data_sweep
+    from dpp_pruning.real_data import first_layer_pruning, mlp_training, real_data_sweep
     model = mlp_training.load_weights(args.weights, args.dataset, args.dropout)
     setup = real_data_sweep.prepare(args.dataset, model, data, beta=args.beta,
                                     device=args.device,
@@ -161,8 +164,7 @@ def prepared(args, data):
 
 
 def run_pruning(args, data):
-    from dpp_pruning.real_data import first_layer_pruning
-    from dpp_pruning.real_data import real_data_sweep
+    from dpp_pruning.real_data import first_layer_pruning, real_data_sweep
     setup = prepared(args, data)
     hidden, inputs = setup.drawer.hidden, setup.drawer.inputs
     k = args.k if args.k is not None else first_layer_pruning.k_for_fraction(
@@ -185,14 +187,14 @@ def run_sweep(args, data):
 
 def main(argv=None):
     args = parse_args(argv)
-    from dpp_pruning.real_data import image_datasets
-    from dpp_pruning.real_data import mlp_training
+    from dpp_pruning.real_data import image_datasets, mlp_training
     validate(args)
     args.device = cli.resolve_device(args.device)
     threads = args.threads or (1 if args.dataset == "digits" else None)
     with mlp_training.cpu_threads(threads):
         data = image_datasets.load_dataset(args.dataset, args.data_root, args.download)
-        {"training": run_training, "pruning": run_pruning, "sweep": run_sweep}[args.procedure](args, data)
+        procedures = {"training": run_training, "pruning": run_pruning, "sweep": run_sweep}
+        procedures[args.procedure](args, data)
 
 
 if __name__ == "__main__":

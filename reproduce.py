@@ -17,8 +17,8 @@ import time
 from dataclasses import replace
 
 from dpp_pruning.base import cli
-from dpp_pruning.experiments import study as studies
 from dpp_pruning.base.choices import IMPORTANCE_RULES, PRUNING_CHOICES, SWEEP_PRESETS
+from dpp_pruning.experiments import study as studies
 
 # sweep (and with it torch) is imported once the flags are checked: --help answers at once.
 RESCALE_CHOICES = {"1": (1,), "0": (0,), "both": (1, 0)}
@@ -117,8 +117,8 @@ def run(study, out, methods=None, jobs=1, keep_data=True, scheduler=None):
     Data sets are opened (made, then their cells and expectation groups submitted) all at
     once, or with keep_data=False at most `jobs` at a time, each one's teacher file deleted
     as soon as its last unit is done."""
-    from dpp_pruning.experiments import executors
     from dpp_pruning.base import storage
+    from dpp_pruning.experiments import executors
     with executors.executor(jobs, scheduler) as pool, \
             storage.folder_lock(out, "reproduce.py run"):
         recorded = studies.claim_folder(study, out)
@@ -126,11 +126,10 @@ def run(study, out, methods=None, jobs=1, keep_data=True, scheduler=None):
 
 
 def _run(study, recorded, out, methods, pool, keep_data):
-    from dpp_pruning.experiments import claims
-    from dpp_pruning.experiments import sweep
     from dpp_pruning.base.progress import Bar
-    from dpp_pruning.experiments.run_tables import RunTables, write_csv
     from dpp_pruning.base.storage import atomic_open
+    from dpp_pruning.experiments import claims, sweep
+    from dpp_pruning.experiments.run_tables import RunTables, write_csv
 
     cells = sweep.grid(study, methods)
     groups = sweep.groups(study)
@@ -204,8 +203,7 @@ def main(argv=None):
     study, methods = configure(args)
     out = args.out or os.path.join("runs", study.name)
     start = time.time()
-    from dpp_pruning.experiments import executors
-    from dpp_pruning.experiments import sweep
+    from dpp_pruning.experiments import executors, sweep
     try:
         _, rows = run(study, out, methods, args.jobs, bool(args.keep_data), args.scheduler)
     except (sweep.RunFolderError, studies.StudyError, executors.SchedulerUnreachable) as e:

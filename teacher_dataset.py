@@ -26,7 +26,8 @@ def parse_args(argv=None):
                         help="sigma, standard deviation of the Gaussian output noise")
     parser.add_argument("--v_star", type=float, default=4,
                         help="the teacher's second-layer weight in mode normal")
-    parser.add_argument("--seed", type=int, default=1, help="seed of every draw (teacher weights, inputs, noise)")
+    parser.add_argument("--seed", type=int, default=1,
+                        help="seed of every draw (teacher weights, inputs, noise)")
     parser.add_argument("--device", type=str, default="cpu",
                         help="torch device that draws the data: cpu or cuda (a different stream; "
                         "bit-identical only on the CPU)")
@@ -65,8 +66,8 @@ def main(argv=None):
     args = parse_args(argv)
     validate(args)
     from dpp_pruning.base.data import generate_teacher
-    from dpp_pruning.base.storage import save_pickle
     from dpp_pruning.base.progress import Bar
+    from dpp_pruning.base.storage import save_pickle
     start = time.time()
     total = args.num_data + args.num_data // 10
     with Bar(total, "generating", unit="sample", unit_scale=True) as bar:

@@ -10,7 +10,13 @@ import os
 import time
 
 from dpp_pruning.base import cli
-from dpp_pruning.base.choices import IMPORTANCE_RULES, MODES, NONLINEARITIES, PRUNING_CHOICES, k_range
+from dpp_pruning.base.choices import (
+    IMPORTANCE_RULES,
+    MODES,
+    NONLINEARITIES,
+    PRUNING_CHOICES,
+    k_range,
+)
 
 # torch, numba and scipy (workflow, storage, models) are imported inside the functions that
 # need them, once the flags are read: --help and flag errors come back in a fraction of a second.
@@ -36,8 +42,8 @@ def parse_args(argv=None):
                         help="SGD momentum")
     parser.add_argument("--ode", type=int, default=0, choices=(0, 1),
                         help="training: 1 also writes <output_dir>/training_curve_<K>.csv, the "
-                             "test loss at about 50 log-spaced points of alpha = steps/N beside the "
-                             "order-parameter ODEs' prediction (erf, plain SGD only)")
+                             "test loss at about 50 log-spaced points of alpha = steps/N beside "
+                             "the order-parameter ODEs' prediction (erf, plain SGD only)")
     parser.add_argument("--epoch", type=int, default=1,
                         help="number of epochs (online learning so 1)")
     parser.add_argument("--seed", type=int, default=1, metavar="S",
@@ -46,10 +52,11 @@ def parse_args(argv=None):
     parser.add_argument("--pruning_choice", type=str, default="dpp_edge",
                         help="pruning strategy: " + ", ".join(PRUNING_CHOICES))
     parser.add_argument("--beta", type=float, default=0.3,
-                        help="beta of the Gaussian DPP kernels of real_data.py; unused here, as in the original")
+                        help="beta of the Gaussian DPP kernels of real_data.py; unused here, as "
+                             "in the original")
     parser.add_argument("--k", type=int, default=2,
-                        help="kept hidden nodes (node choices, 1..K) or kept incoming weights per node "
-                        "(edge choices, 1..N)")
+                        help="kept hidden nodes (node choices, 1..K) or kept incoming weights "
+                        "per node (edge choices, 1..N)")
     parser.add_argument("--procedure", type=str, default="training",
                         help="training, pruning or testing")
     parser.add_argument("--num_masks", type=int, default=1,
@@ -64,9 +71,11 @@ def parse_args(argv=None):
                         help="importance_node keeps the k nodes of largest |v| (magnitude) or, "
                              "as the original code, of largest signed v (signed)")
     parser.add_argument("--load_from_pkl", type=int, default=0, choices=(0, 1),
-                        help="dpp_edge: reuse the kernels saved in --kernel_path by an earlier run (1)")
+                        help="dpp_edge: reuse the kernels saved in --kernel_path by an earlier "
+                             "run (1)")
     parser.add_argument("--kernel_path", type=str, default=None,
-                        help="dpp_edge kernel pickle (default: <output_dir>/dpp_edge_kernels_<K>.pkl)")
+                        help="dpp_edge kernel pickle "
+                             "(default: <output_dir>/dpp_edge_kernels_<K>.pkl)")
     # data storage
     parser.add_argument("--trained_weights", type=str, default="place_holder",
                         help="the student_<K>.pth that pruning starts from")
@@ -83,9 +92,11 @@ def validate(args):
     """Check the flags before anything is read or written."""
     args.device = cli.resolve_device(args.device)
     if args.procedure not in PROCEDURES:
-        raise cli.UserError(f"--procedure must be one of {', '.join(PROCEDURES)}, got {args.procedure!r}")
+        raise cli.UserError(f"--procedure must be one of {', '.join(PROCEDURES)}, "
+                            f"got {args.procedure!r}")
     if args.nonlinearity not in NONLINEARITIES:
-        raise cli.UserError(f"--nonlinearity must be one of {', '.join(NONLINEARITIES)}, got {args.nonlinearity!r}")
+        raise cli.UserError(f"--nonlinearity must be one of {', '.join(NONLINEARITIES)}, "
+                            f"got {args.nonlinearity!r}")
     if args.mode not in MODES:
         raise cli.UserError(f"--mode must be one of {', '.join(MODES)}, got {args.mode!r}")
     cli.positive("--input_dim", args.input_dim)
@@ -99,7 +110,8 @@ def validate(args):
             raise cli.UserError(f"--momentum must be in [0, 1), got {args.momentum}")
         cli.positive("--epoch", args.epoch)
         if args.ode and args.momentum > 0:
-            raise cli.UserError("--ode 1 needs --momentum 0: the order-parameter ODEs describe plain SGD")
+            raise cli.UserError("--ode 1 needs --momentum 0: the order-parameter ODEs describe "
+                                "plain SGD")
         if args.ode and args.nonlinearity != "sigmoid":
             raise cli.UserError("--ode 1 needs --nonlinearity sigmoid: the ODEs' averages are "
                                 "closed forms for the erf network")
@@ -108,7 +120,8 @@ def validate(args):
         raise cli.UserError(f"--importance_rule must be one of {', '.join(IMPORTANCE_RULES)}, "
                             f"got {args.importance_rule!r}")
     if args.pruning_choice not in PRUNING_CHOICES:
-        raise cli.UserError(f"--pruning_choice must be one of {', '.join(PRUNING_CHOICES)}, got {args.pruning_choice!r}")
+        raise cli.UserError(f"--pruning_choice must be one of {', '.join(PRUNING_CHOICES)}, "
+                            f"got {args.pruning_choice!r}")
     lo, hi = k_range(args.pruning_choice, args.input_dim, args.student_h_size)
     if not lo <= args.k <= hi:
         if PRUNING_CHOICES[args.pruning_choice] == "node":
@@ -161,7 +174,12 @@ def _same_file(a, b):
 def preflight(args):
     """Before any work: every input file is there, every output can be written, and the job
     fits in memory."""
-    from dpp_pruning.base.storage import FileProblem, check_folder_writable, check_readable, check_writable
+    from dpp_pruning.base.storage import (
+        FileProblem,
+        check_folder_writable,
+        check_readable,
+        check_writable,
+    )
     check_readable(args.teacher_path, "teacher file")
     inputs = [("--teacher_path", args.teacher_path)]
     outputs = []
@@ -221,17 +239,20 @@ def load_teacher(args):
 
 def load_student(args):
     import torch
-    from models import student_from_weights
+
     from dpp_pruning.base.storage import load_state_dict
+    from models import student_from_weights
     state = load_state_dict(args.trained_weights)
     w1, w2 = state.get("w1.weight"), state.get("w2.weight")
     if w1 is None or w2 is None:
         raise cli.UserError(f"weights file {args.trained_weights} has no w1.weight / w2.weight; "
                             "pass the student_<K>.pth that training wrote")
-    if tuple(w1.shape) != (args.student_h_size, args.input_dim) or w2.numel() != args.student_h_size:
+    if (tuple(w1.shape) != (args.student_h_size, args.input_dim)
+            or w2.numel() != args.student_h_size):
         raise cli.UserError(f"weights file {args.trained_weights} holds a student of shape "
                             f"{tuple(w1.shape)} but --student_h_size {args.student_h_size} and "
-                            f"--input_dim {args.input_dim} ask for ({args.student_h_size}, {args.input_dim})")
+                            f"--input_dim {args.input_dim} ask for "
+                            f"({args.student_h_size}, {args.input_dim})")
     if not (w1.is_floating_point() and w2.is_floating_point()):
         raise cli.UserError(f"weights file {args.trained_weights} holds {w1.dtype} weights, not "
                             "floating point; pass the student_<K>.pth that training wrote")
@@ -243,10 +264,11 @@ def load_student(args):
 
 def run_training(args, teacher):
     import torch
+
     from dpp_pruning.base import workflow
-    from dpp_pruning.theory.order_param_odes import IntegrationError
     from dpp_pruning.base.progress import Bar
     from dpp_pruning.base.storage import save_state_dict
+    from dpp_pruning.theory.order_param_odes import IntegrationError
     out = output_path(args)
     start = time.time()
     with Bar(len(teacher) * args.epoch, "online SGD", unit="sample", unit_scale=True) as bar:
@@ -279,7 +301,7 @@ def write_curve(curve, path):
     from dpp_pruning.base.storage import atomic_open
     with atomic_open(path, "w") as f:
         f.write("alpha,test_loss,ode_loss\n")
-        for row in zip(curve.alpha, curve.test_loss, curve.ode_loss):
+        for row in zip(curve.alpha, curve.test_loss, curve.ode_loss, strict=True):
             f.write(",".join(repr(float(x)) for x in row) + "\n")
     cli.log.info(f"at alpha = {curve.alpha[-1]:g}: test loss {curve.test_loss[-1]:.6g} "
                  f"(first {curve.test_rows} test samples), ODE {curve.ode_loss[-1]:.6g}")
@@ -290,6 +312,7 @@ def dpp_edge_kernels(args, teacher, student):
     """dpp_edge kernels of the rescaled student: read from the kernel pickle with
     --load_from_pkl 1, otherwise built and saved there for the next run."""
     import numpy as np
+
     from dpp_pruning.base import workflow
     from dpp_pruning.base.storage import load_pickle, save_pickle
     path = kernel_path(args)
@@ -318,12 +341,13 @@ def dpp_edge_kernels(args, teacher, student):
 
 def run_pruning(args, teacher):
     from dpp_pruning.base import workflow
-    from dpp_sample_ts import KDPPError
     from dpp_pruning.base.progress import Bar
     from dpp_pruning.base.storage import save_pickle
+    from dpp_sample_ts import KDPPError
     student = load_student(args)
     out = output_path(args)
-    kernels = dpp_edge_kernels(args, teacher, student) if args.pruning_choice == "dpp_edge" else None
+    kernels = (dpp_edge_kernels(args, teacher, student) if args.pruning_choice == "dpp_edge"
+               else None)
     start = time.time()
     try:
         unit = "node" if args.pruning_choice == "dpp_edge" else "step"
@@ -400,7 +424,7 @@ def load_masks(path, args, teacher):
     flags = ("--pruning_choice", "--student_h_size", "--k", "--input_dim")
     asked = (args.pruning_choice, args.student_h_size, args.k, args.input_dim)
     found = (masks.choice, masks.student_h_size, masks.k, masks.input_dim)
-    differ = [(flag, a, f) for flag, a, f in zip(flags, asked, found) if a != f]
+    differ = [(flag, a, f) for flag, a, f in zip(flags, asked, found, strict=True) if a != f]
     if differ:
         made = " ".join(f"{flag} {f}" for flag, _, f in differ)
         said = " ".join(f"{flag} {a}" for flag, a, _ in differ)

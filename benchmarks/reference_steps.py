@@ -30,6 +30,7 @@ def sub_teacher(ref, rows):
     samples), with the exact float64 Gram matrix of those rows."""
     import numpy as np
     import torch
+
     from dpp_pruning.base.data import TeacherDataset
     arrays = {name: np.ascontiguousarray(ref[name]) for name in
               ("w1", "w2", "inputs", "labels", "test_inputs", "test_labels")}
@@ -44,6 +45,7 @@ def sub_teacher(ref, rows):
 def step_ref_gen(cfg, work):
     import torch
     from scipy import stats
+
     from reference import reference_generate, reference_labels
     ref, n = load_ref_data(work), cfg["ref_samples"]
     out, seconds = timed(reference_generate, cfg["input_dim"], cfg["teacher_h_size"], n,
@@ -73,6 +75,7 @@ def step_ref_gen(cfg, work):
 @step("ref_train")
 def step_ref_train(cfg, work):
     import torch
+
     from dpp_pruning.base import training
     from models import Student
     from reference import reference_online_sgd
@@ -107,6 +110,7 @@ def step_ref_train(cfg, work):
 @step("ref_prune_dpp_node")
 def step_ref_prune_node(cfg, work):
     import numpy as np
+
     from dpp_pruning.base import workflow
     from dpp_sample_ts import node_kernel
     from reference import reference_kdpp_draws, reference_node_kernel
@@ -133,6 +137,7 @@ def _per_sample_test(cfg, work, choice, k):
     """Reference per-mask, per-sample testing of `ref_masks` masks on `ref_test` samples."""
     import numpy as np
     import torch
+
     from dpp_pruning.base import workflow
     from reference import reference_test_masks
     ref = load_ref_data(work)
@@ -165,6 +170,7 @@ def step_ref_test_node(cfg, work):
 
 def _ref_prune_edge(cfg, work, k):
     import numpy as np
+
     from dpp_pruning.base import workflow
     from dpp_sample_ts import KDPP, edge_kernel, exact_inclusion_probabilities
     from reference import reference_edge_kernels, reference_kdpp_draws
@@ -226,10 +232,15 @@ def _ref_prune_edge(cfg, work, k):
 def step_ref_random_edge_rw(cfg, work):
     import numpy as np
     import torch
+
     from dpp_pruning.base import workflow
     from dpp_sample_ts import reweight_edges, reweight_nodes
-    from reference import (reference_hidden_activations, reference_reweight_edges,
-                           reference_reweight_nodes, reference_test_masks)
+    from reference import (
+        reference_hidden_activations,
+        reference_reweight_edges,
+        reference_reweight_nodes,
+        reference_test_masks,
+    )
     ref = load_ref_data(work)
     x = ref["inputs"][:cfg["ref_rows"]]
     unpruned, masks = load_masks(work, "random_edge", cfg["k_rw"])
@@ -245,7 +256,7 @@ def step_ref_random_edge_rw(cfg, work):
     x64 = x.astype(np.float64)
     gram = x64.T @ x64 / len(x)
     err_edge = max(max_rel(reweight_edges(w1, m.astype(bool), gram), f)
-                   for m, f in zip(some, fits))
+                   for m, f in zip(some, fits, strict=True))
     sub = sub_teacher(ref, len(x))
     ours = workflow.test_masks(sub, unpruned, some[:1], "random_edge", True).losses
     err_loss = max_rel(ours, losses)
@@ -277,6 +288,7 @@ def step_ref_random_edge_rw(cfg, work):
 def step_ref_evaluate(cfg, work):
     import numpy as np
     import torch
+
     from dpp_pruning.theory.order_params import order_parameters
     from reference import reference_order_parameters, reference_test_masks
     ref = load_ref_data(work)

@@ -221,9 +221,10 @@ class Report:
             "per-sample autograd reference trains at about half the original's measured "
             "speed, for instance).")
         add("")
-        add("| step | ours s | ours peak MB (above imports) | data MB | peak <= 2x data | reference measured "
-            "| ref s (measured) | ref s *extrap.* to our scale | ref peak MB (measured scale) "
-            "| original (measured, issue) | ratio | baseline of the ratio | checks |")
+        add("| step | ours s | ours peak MB (above imports) | data MB | peak <= 2x data "
+            "| reference measured | ref s (measured) | ref s *extrap.* to our scale "
+            "| ref peak MB (measured scale) | original (measured, issue) | ratio "
+            "| baseline of the ratio | checks |")
         add("|---|---:|---:|---:|:-:|---|---:|---:|---:|---|---:|---|:-:|")
         for label, ours_name, ref_name, key in self.rows():
             o, r = res.get(ours_name, {}), res.get(ref_name, {})

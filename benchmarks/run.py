@@ -39,9 +39,9 @@ for _path in (ROOT, ROOT / "tests"):          # the project's modules; tests/ref
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from reference_steps import ref_edge_step                                 # noqa: E402
-from report import Report, fmt_mb, fmt_s                                  # noqa: E402
-from timed_steps import STEPS, Work, check, edge_step, file_bytes         # noqa: E402
+from reference_steps import ref_edge_step  # noqa: E402
+from report import Report, fmt_mb, fmt_s  # noqa: E402
+from timed_steps import STEPS, Work, check, edge_step, file_bytes  # noqa: E402
 
 # Problem sizes. `ref_*`: the reduced sizes at which the reference (original approach) runs.
 SCALES = {
@@ -92,29 +92,32 @@ def run_child(cmd, log_path, cwd=ROOT):
 
 
 def machine_facts():
+    from importlib import metadata
+
     import numba
     import numpy
     import scipy
     import torch
-    from importlib import metadata
     try:
         dppy_version = metadata.version("dppy")
     except metadata.PackageNotFoundError:
         dppy_version = "not installed"
     model = "?"
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
     except OSError:
         pass
     mem = "?"
     try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemTotal:"):
-                mem = f"{int(line.split()[1]) / 2**20:.1f} GiB"
-                break
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    mem = f"{int(line.split()[1]) / 2**20:.1f} GiB"
+                    break
     except OSError:
         pass
     return dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),

@@ -55,8 +55,8 @@ def load_teacher(work):
 
 
 def load_student(work):
-    from models import student_from_weights
     from dpp_pruning.base.storage import load_state_dict
+    from models import student_from_weights
     state = load_state_dict(work.student)
     return student_from_weights(state["w1.weight"].numpy(), state["w2.weight"].numpy())
 
@@ -73,16 +73,20 @@ def step_baseline(cfg, work):
     """Imports what teacher_student.py imports: the resident memory of an idle process."""
     import numpy  # noqa: F401
     import torch  # noqa: F401
-    from dpp_pruning.base import data  # noqa: F401
-    from dpp_pruning.base import storage  # noqa: F401
-    from dpp_pruning.base import training  # noqa: F401
-    from dpp_pruning.base import workflow  # noqa: F401
+
+    from dpp_pruning.base import (
+        data,  # noqa: F401
+        storage,  # noqa: F401
+        training,  # noqa: F401
+        workflow,  # noqa: F401
+    )
     return dict(time=0.0, data_read=0, checks=[])
 
 
 @step("gen")
 def step_gen(cfg, work):
     import numpy as np
+
     from dpp_pruning.base.data import dataset_nbytes, generate_teacher
     from dpp_pruning.base.storage import save_pickle
     teacher, seconds = timed(generate_teacher, cfg["input_dim"], cfg["teacher_h_size"],
@@ -105,13 +109,14 @@ def step_gen(cfg, work):
 def step_pickle_io(cfg, work):
     """Teacher pickle write / read throughput vs writing / reading the same bytes raw."""
     import numpy as np
+
     from dpp_pruning.base.storage import save_pickle
     copy, raw = work.dir / "teacher_copy.pkl", work.dir / "teacher_raw.bin"
     teacher, read_pkl = timed(load_teacher, work)
     arrays = [getattr(teacher, name).numpy() for name in
               ("w1", "w2", "inputs", "labels", "test_inputs", "test_labels", "gram")]
 
-    def raw_write():
+    def raw_write(arrays):
         with open(raw, "wb") as f:
             for a in arrays:
                 f.write(memoryview(np.ascontiguousarray(a)).cast("B"))
@@ -128,10 +133,10 @@ def step_pickle_io(cfg, work):
         return out
 
     writes_raw, writes_pkl, reads_raw, reads_pkl = [], [], [], [read_pkl]
-    writes_raw.append(timed(raw_write)[1])
+    writes_raw.append(timed(raw_write, arrays)[1])
     writes_pkl.append(timed(save_pickle, teacher, copy)[1])
     writes_pkl.append(timed(save_pickle, teacher, copy)[1])
-    writes_raw.append(timed(raw_write)[1])
+    writes_raw.append(timed(raw_write, arrays)[1])
     nbytes_pkl, nbytes_raw = file_bytes(copy), file_bytes(raw)
     del teacher, arrays
     for _ in range(2):
@@ -202,6 +207,7 @@ def _prune_edge(cfg, work, choice, k):
 
 def _test(cfg, work, choice, k, reweighting):
     import numpy as np
+
     from dpp_pruning.base import workflow
     teacher = load_teacher(work)
     unpruned, masks = load_masks(work, choice, k)

@@ -3,10 +3,10 @@ import contextlib
 import io
 import signal
 
-from dpp_pruning.base import cli
 import evaluate
 import teacher_dataset
 import teacher_student
+from dpp_pruning.base import cli
 
 SCRIPTS = {"teacher_dataset.py": teacher_dataset, "teacher_student.py": teacher_student,
            "evaluate.py": evaluate}

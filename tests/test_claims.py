@@ -20,7 +20,7 @@ def expectation_rows():
     """expectations.csv rows of one panel at three budgets (nodes 1, 2, 3), five students."""
     rows = []
     for nodes, diffs in DIFFERENCES.items():
-        for student, (b, d) in enumerate(zip(LOSS_B, diffs)):
+        for student, (b, d) in enumerate(zip(LOSS_B, diffs, strict=True)):
             for method, value in (("random_node", b), ("dpp_node", b + d)):
                 rows.append(dict(student=student, noise=0.0, teacher_h_size=2,
                                  student_h_size=6, rescale=1, nodes_equivalent=nodes,
@@ -42,7 +42,7 @@ def test_intervals_verdicts_and_relative_are_those_worked_by_hand():
     for row in rows:
         diffs = DIFFERENCES[row["nodes_equivalent"]]
         mean, low, high = by_hand(diffs)
-        mean_a = sum(b + d for b, d in zip(LOSS_B, diffs)) / 5
+        mean_a = sum(b + d for b, d in zip(LOSS_B, diffs, strict=True)) / 5
         mean_b = sum(LOSS_B) / 5
         assert row["claim"] == "dpp_node below random_node"
         assert (row["a"], row["b"], row["basis"], row["students"]) == (

@@ -12,9 +12,9 @@ import time
 
 import pytest
 
+import reproduce
 from dpp_pruning.base import cli
 from dpp_pruning.experiments import executors
-import reproduce
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "smoke_run")
@@ -51,8 +51,8 @@ def test_smoke_study_on_a_dask_cluster_is_byte_identical_to_jobs_1(cluster, tmp_
                     "--scheduler", cluster.address])
     _same_as_fixture(out)
     printed = capsys.readouterr()
-    assert f"the workers of the Dask scheduler {cluster.address} (2 now; dashboard http://127.0.0.1:" \
-        in printed.out
+    assert (f"the workers of the Dask scheduler {cluster.address} "
+            "(2 now; dashboard http://127.0.0.1:") in printed.out
     assert "smoke grid: 100%" in printed.err               # the same progress bar
     assert not (out / ".lock").exists()
 

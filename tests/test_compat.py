@@ -60,7 +60,8 @@ def test_new_files_read_with_plain_pickle_as_the_original_did(tmp_path):
     script = textwrap.dedent(f"""
         import pickle
         teacher = pickle.load(open({os.path.join(d, 'teacher.pkl')!r}, "rb"))
-        student, masks = pickle.load(open({os.path.join(d, 'student_masks_dpp_node_3_2.pkl')!r}, "rb"))
+        student, masks = pickle.load(
+            open({os.path.join(d, 'student_masks_dpp_node_3_2.pkl')!r}, "rb"))
         w = student.w1.weight.detach().numpy(); ws = teacher.w1.numpy(); n = w.shape[1]
         print((w @ w.T / n).tolist()); print((w @ ws.T / n).tolist()); print(len(masks))
         """)

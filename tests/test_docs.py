@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dpp_pruning.experiments import claims
 import docs_tables
+from dpp_pruning.experiments import claims
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "smoke_run")
@@ -105,8 +105,7 @@ def test_real_data_figure_has_the_shared_styles_and_percent_axes():
 def test_loss_figure_keeps_bands_inside_and_shares_the_styles(tmp_path):
     import shutil
 
-    from dpp_pruning.experiments import figures
-    from dpp_pruning.experiments import plots
+    from dpp_pruning.experiments import figures, plots
     out = tmp_path / "run"
     shutil.copytree(FIXTURE, out)
     run = figures.Run(str(out))

@@ -11,13 +11,20 @@ import mpmath
 import numpy as np
 import pytest
 
-from dpp_pruning.theory import expectations
 from dpp_pruning.base import workflow
 from dpp_pruning.base.data import generate_teacher
-from dpp_sample_ts import (KDPP, KDPPError, draw_masks, exact_subset_probabilities,
-                           importance_node_keep, node_kernel, normalise_rows)
+from dpp_pruning.theory import expectations
 from dpp_pruning.theory.mask_marginals import BernoulliMarginals, KDPPMarginals, kdpp_eigen_ratios
 from dpp_pruning.theory.order_params import gaussian_moment, generalisation_error, order_parameters
+from dpp_sample_ts import (
+    KDPP,
+    KDPPError,
+    draw_masks,
+    exact_subset_probabilities,
+    importance_node_keep,
+    node_kernel,
+    normalise_rows,
+)
 
 N, P, K = 40, 64000, 6
 Z = 4.5            # standard errors allowed between a sampled mean and its expectation
@@ -180,7 +187,8 @@ def test_dpp_node_subset_probabilities_are_the_sampling_frequencies():
     index = {tuple(s): i for i, s in enumerate(subsets)}
     freq = np.bincount([index[tuple(d)] for d in draws], minlength=len(subsets)) / len(draws)
     assert probs.max() > 10 * probs.min()                                    # far from uniform
-    np.testing.assert_array_less(np.abs(freq - probs), Z * np.sqrt(probs * (1 - probs) / len(draws)))
+    np.testing.assert_array_less(np.abs(freq - probs),
+                                 Z * np.sqrt(probs * (1 - probs) / len(draws)))
 
 
 def test_dpp_node_agrees_with_random_node_at_one_node(trained):
@@ -344,7 +352,7 @@ def test_edge_moments_are_exact_for_bernoulli_masks_by_enumeration():
     masks = bits.reshape(-1, num_nodes, n).astype(np.float64)                # (4096, K, N)
     prob = f ** bits.sum(axis=1) * (1 - f) ** (num_nodes * n - bits.sum(axis=1))   # (4096,)
     q, r, _ = order_parameters(w1 * masks, w_star)
-    points = np.stack([theta.pack(a, b) for a, b in zip(q, r)])              # (4096, D)
+    points = np.stack([theta.pack(a, b) for a, b in zip(q, r, strict=True)])  # (4096, D)
     exact_mean = prob @ points
     exact_cov = (points - exact_mean).T @ ((points - exact_mean) * prob[:, None])
     assert prob.sum() == pytest.approx(1.0, rel=1e-12)

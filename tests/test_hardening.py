@@ -6,6 +6,7 @@ through `cli.run` (a subprocess costs ~3 s of imports); a few run the real scrip
 """
 import hashlib
 import os
+import pathlib
 import pickle
 import shutil
 import subprocess
@@ -107,23 +108,31 @@ def fresh_copy(good, dest):
 def truncate(name, keep=0.5):
     def setup(d):
         path = os.path.join(d, name)
-        data = open(path, "rb").read()
-        open(path, "wb").write(data[:int(len(data) * keep)])
+        data = pathlib.Path(path).read_bytes()
+        pathlib.Path(path).write_bytes(data[:int(len(data) * keep)])
     return setup
 
 
 def flip(name):
     def setup(d):
         path = os.path.join(d, name)
-        data = bytearray(open(path, "rb").read())
+        data = bytearray(pathlib.Path(path).read_bytes())
         data[len(data) // 2] ^= 0x10
-        open(path, "wb").write(bytes(data))
+        pathlib.Path(path).write_bytes(bytes(data))
     return setup
 
 
 def write(name, content):
     def setup(d):
-        open(os.path.join(d, name), "wb" if isinstance(content, bytes) else "w").write(content)
+        with open(os.path.join(d, name), "wb" if isinstance(content, bytes) else "w") as f:
+            f.write(content)
+    return setup
+
+
+def append(name, content):
+    def setup(d):
+        with open(os.path.join(d, name), "ab") as f:
+            f.write(content)
     return setup
 
 
@@ -234,8 +243,8 @@ BAD_INPUTS = [
     ("ts teacher flipped", flip("teacher.pkl"), TS, ts_args, ["teacher file", "corrupted"]),
     ("ts teacher checksum cut", truncate("teacher.pkl", keep=0.9999), TS, ts_args,
      ["teacher file", "truncated"]),
-    ("ts teacher garbage appended", lambda d: open(os.path.join(d, "teacher.pkl"), "ab").write(
-        b"xyz"), TS, ts_args, ["teacher file", "corrupted"]),
+    ("ts teacher garbage appended", append("teacher.pkl", b"xyz"), TS, ts_args,
+     ["teacher file", "corrupted"]),
     ("ts teacher is a dict", write("teacher.pkl", pickle.dumps({"a": 1})), TS, ts_args,
      ["teacher file", "does not hold a teacher"]),
     ("ts teacher is masks", None, TS, lambda d: ts_args(d, teacher=MASKS),
@@ -335,11 +344,13 @@ BAD_INPUTS = [
      ["dpp_node", "k = 2 exceeds the kernel's rank 1", "smaller --k"]),
     ("pr abbreviated flag", None, TS,
      lambda d: prune_args(d)[:-2] + ["--num_mask", 10], ["unrecognized arguments: --num_mask"]),
-    ("te abbreviated flag", None, TS, lambda d: args_testing(d, "dpp_node", NODE_K, "--reweight", 1),
+    ("te abbreviated flag", None, TS,
+     lambda d: args_testing(d, "dpp_node", NODE_K, "--reweight", 1),
      ["unrecognized arguments: --reweight"]),
     ("ev abbreviated flag", None, EV, lambda d: eval_args(d, MASKS, "--thresh", 0.5),
      ["unrecognized arguments: --thresh"]),
-    ("td abbreviated flag", None, TD, lambda d: td_args(d, "--sig", 0.1), ["unrecognized arguments: --sig"]),
+    ("td abbreviated flag", None, TD, lambda d: td_args(d, "--sig", 0.1),
+     ["unrecognized arguments: --sig"]),
     ("ev masks missing", None, EV, lambda d: eval_args(d, "student_masks_x_3_1.pkl"),
      ["masks file", "--procedure pruning first"]),
     ("ev teacher missing", lambda d: os.remove(os.path.join(d, "teacher.pkl")), EV, eval_args,
@@ -403,8 +414,8 @@ def test_abbreviated_flags_are_refused_by_the_other_scripts(root, tmp_path, scri
 def test_testing_reports_the_loss_as_trained_beside_the_rescaled_one(good, tmp_path, rescale):
     """The unpruned student of --rescale 1 has rescaled rows; testing keeps its line and adds
     the student's loss as trained (the loss training printed)."""
-    from models import student_from_weights
     from dpp_pruning.base.workflow import rescaled, test_loss
+    from models import student_from_weights
     d = fresh_copy(good, tmp_path)
     assert call(TS, prune_args(d, "random_node", 1, "--rescale", rescale))[0] == 0
     code, out, err = call(TS, args_testing(d, "random_node", 1, "--rescale", rescale))
@@ -461,7 +472,7 @@ def test_same_seed_same_bytes_other_seed_other_results(root, tmp_path):
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     for name in OUTPUTS:
-        assert open(other / name, "rb").read() == first[name], name
+        assert (other / name).read_bytes() == first[name], name
     different = run_pipeline(str(tmp_path / "c"), 4)
     for name in OUTPUTS:
         assert different[name] != first[name], name
@@ -470,7 +481,7 @@ def test_same_seed_same_bytes_other_seed_other_results(root, tmp_path):
     assert not np.array_equal(teacher_a.inputs.numpy(), teacher_c.inputs.numpy())
     masks_a = storage.load_pickle(tmp_path / "a" / f"student_masks_dpp_edge_{K}_{EDGE_K}.pkl")[1]
     masks_c = storage.load_pickle(tmp_path / "c" / f"student_masks_dpp_edge_{K}_{EDGE_K}.pkl")[1]
-    assert not all(np.array_equal(a, c) for a, c in zip(masks_a, masks_c))
+    assert not all(np.array_equal(a, c) for a, c in zip(masks_a, masks_c, strict=True))
 
 
 # ----------------------------------------------------------------------------------------
@@ -503,7 +514,7 @@ def apply_damage(path, how):
     if how[0] == "remove":
         os.remove(path)
         return
-    data = bytearray(open(path, "rb").read())
+    data = bytearray(pathlib.Path(path).read_bytes())
     if how[0] == "empty":
         data = bytearray()
     elif how[0] == "truncate":
@@ -592,4 +603,5 @@ def test_random_flags_and_damaged_files(good, cmd, target, how):
             elif name.endswith(".pth"):
                 storage.load_state_dict(path)
             else:
-                assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+                with open(path, "rb") as f:
+                    assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -13,9 +13,16 @@ import threadpoolctl
 from scipy import stats
 from scipy.special import gammaln
 
-from dpp_sample_ts import (KDPP, KDPPError, choose_eigvecs, eig_kernel,
-                           eigvec_keep_probabilities, exact_inclusion_probabilities,
-                           exact_subset_probabilities, sample_projection_dpp)
+from dpp_sample_ts import (
+    KDPP,
+    KDPPError,
+    choose_eigvecs,
+    eig_kernel,
+    eigvec_keep_probabilities,
+    exact_inclusion_probabilities,
+    exact_subset_probabilities,
+    sample_projection_dpp,
+)
 
 NUM_DRAWS = 6000
 

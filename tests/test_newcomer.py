@@ -13,7 +13,6 @@ from dpp_pruning.base import progress
 from dpp_pruning.base.data import generate_teacher
 from entry_points import call
 
-
 # ----------------------------------------------------------------------------------------
 # Fewer samples than input dimensions: the Gram matrix is singular and must look it.
 
@@ -125,16 +124,16 @@ def test_help_shows_every_default(script):
 
 def test_light_names_agree_with_the_heavy_modules():
     import dpp_sample_ts
-    from dpp_pruning.real_data import first_layer_pruning
     import real_data
-    from dpp_pruning.real_data import real_data_sweep
-    from dpp_pruning.experiments import sweep
     from dpp_pruning.base.choices import IMPORTANCE_RULES, PRUNING_CHOICES, SWEEP_PRESETS, k_range
+    from dpp_pruning.experiments import sweep
+    from dpp_pruning.real_data import first_layer_pruning, real_data_sweep
     assert {name: p.granularity for name, p in dpp_sample_ts.PRUNERS.items()} == PRUNING_CHOICES
     assert IMPORTANCE_RULES == dpp_sample_ts.IMPORTANCE_RULES
     assert tuple(PRUNING_CHOICES) == sweep.ALL_METHODS
     from dpp_pruning.experiments import study
-    assert {n[:-5] for n in os.listdir(study.STUDIES_DIR) if n.endswith(".toml")} >= set(SWEEP_PRESETS)
+    names = {n[:-5] for n in os.listdir(study.STUDIES_DIR) if n.endswith(".toml")}
+    assert names >= set(SWEEP_PRESETS)
     assert all(study.preset(name).name == name for name in SWEEP_PRESETS)
     assert set(PRUNING_CHOICES) == set(first_layer_pruning.METHODS)
     default = real_data.parse_args([]).fractions
@@ -211,6 +210,7 @@ def test_progress_on_a_terminal_is_a_tqdm_bar():
 
 def test_heatmap_numbers_are_white_on_dark_cells_and_black_on_light_ones():
     import matplotlib
+
     from dpp_pruning.experiments import plots
     cmap = matplotlib.colormaps["RdBu_r"]
     assert plots.text_colour(cmap(0.0)) == "white"      # dark blue, R = -1
@@ -250,6 +250,7 @@ def run_of(df):
 
 def test_points_are_means_over_students_with_t_intervals_across_them():
     import scipy.stats
+
     from dpp_pruning.experiments import figures
     df = figures.selected_rows(run_of(results(4, 3, lambda s, r: 1.0 + s + 0.1 * r)))
     row = figures._summary(df).iloc[0]
@@ -262,6 +263,7 @@ def test_points_are_means_over_students_with_t_intervals_across_them():
 
 def test_with_one_student_the_intervals_are_across_rounds():
     import scipy.stats
+
     from dpp_pruning.experiments import figures
     df = figures.selected_rows(run_of(results(1, 5, lambda s, r: 2.0 + r)))
     row = figures._summary(df).iloc[0]
@@ -283,8 +285,8 @@ class Smoke:
 
 
 def test_notebook_without_results_runs_only_the_smoke_preset_and_says_so(tmp_path, monkeypatch):
-    from dpp_pruning.experiments import figures
     import reproduce
+    from dpp_pruning.experiments import figures
     monkeypatch.delenv("REPRO_OUT", raising=False)
     monkeypatch.delenv("REPRO_PRESET", raising=False)
     monkeypatch.setattr(figures, "ROOT", str(tmp_path))
@@ -301,8 +303,8 @@ def test_notebook_without_results_runs_only_the_smoke_preset_and_says_so(tmp_pat
 
 @pytest.mark.parametrize("env", [{"REPRO_PRESET": "paper"}, {"REPRO_OUT": "elsewhere"}])
 def test_notebook_pointed_at_a_missing_run_stops_with_the_command(tmp_path, monkeypatch, env):
-    from dpp_pruning.experiments import figures
     import reproduce
+    from dpp_pruning.experiments import figures
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("REPRO_OUT", raising=False)
     monkeypatch.delenv("REPRO_PRESET", raising=False)
@@ -338,7 +340,8 @@ def test_entry_points_log_progress_without_carriage_returns(tmp_path):
     assert code == 0 and "\r" not in err
     assert err.splitlines()[0].startswith("generating:   0%| 0/2.2k sample")
     assert err.splitlines()[-1].startswith("generating: 100%| 2.2k/2.2k sample")
-    common = ["--input_dim", 10, "--student_h_size", 3, "--teacher_path", teacher, "--output_dir", d]
+    common = ["--input_dim", 10, "--student_h_size", 3, "--teacher_path", teacher,
+              "--output_dir", d]
     code, _, err = call("teacher_student.py", common)
     assert code == 0 and "\r" not in err and "online SGD: 100%| 2k/2k sample" in err
     code, _, err = call("teacher_student.py", common + [
@@ -347,5 +350,6 @@ def test_entry_points_log_progress_without_carriage_returns(tmp_path):
     assert code == 0 and "\r" not in err and "drawing 3 dpp_edge masks: 100%| 3/3 node" in err
     code, out, err = call("teacher_student.py", common + [
         "--procedure", "testing", "--pruning_choice", "dpp_edge", "--k", 4])
-    assert code == 0 and "\r" not in err and "testing 3 masks, then their expected loss: 100%" in err
+    assert code == 0 and "\r" not in err
+    assert "testing 3 masks, then their expected loss: 100%" in err
     assert "pruned MLP avg. test loss" in out

@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from dpp_pruning.theory import order_param_odes as ode
-import teacher_student
 from dpp_pruning.base import workflow
 from dpp_pruning.base.data import generate_teacher
+from dpp_pruning.theory import order_param_odes as ode
 from dpp_pruning.theory.order_params import generalisation_error
 
 
@@ -79,8 +78,9 @@ def test_right_hand_side_matches_averaged_sgd_steps():
     parts = []
     for _ in range(8):
         x = rng.standard_normal((25_000, n))
-        parts.append(sgd_step_changes(w, v, w_star, v_star, x, sigma * rng.standard_normal(25_000), lr))
-    dq_s, dr_s, dv_s, finite = (np.concatenate(p) for p in zip(*parts))
+        parts.append(sgd_step_changes(w, v, w_star, v_star, x,
+                                      sigma * rng.standard_normal(25_000), lr))
+    dq_s, dr_s, dv_s, finite = (np.concatenate(p) for p in zip(*parts, strict=True))
     q, r, t, _ = ode.initial_conditions(w, v, w_star)
     dq, dr, dv = ode.derivatives(q, r, t, v, v_star, lr, sigma)
     se = lambda a: a.std(0) / math.sqrt(len(a))   # noqa: E731
@@ -144,8 +144,8 @@ def test_segmented_training_is_bit_identical(small_teacher, mode, epochs):
 
 
 def test_cli_writes_the_training_curve(small_teacher, tmp_path):
-    from entry_points import call
     from dpp_pruning.base.storage import save_pickle
+    from entry_points import call
     save_pickle(small_teacher, tmp_path / "teacher.pkl")
     common = ["--input_dim", 200, "--student_h_size", 3, "--teacher_path",
               tmp_path / "teacher.pkl", "--output_dir", tmp_path]
@@ -208,7 +208,8 @@ def test_notebook_shows_the_users_training_curve(root, tmp_path, monkeypatch):
     outputs = run_ode_notebook(root)
     assert outputs[0].startswith(f"reading {curve} (TRAINING_CURVE)")
     assert (f"{len(table)} points, alpha up to 100; final test loss "
-            f"{table['test_loss'][-1]:.5f} simulated, {table['ode_loss'][-1]:.5f} ODE") in outputs[1]
+            f"{table['test_loss'][-1]:.5f} simulated, {table['ode_loss'][-1]:.5f} ODE"
+            ) in outputs[1]
     assert "training_curve_3.csv" in outputs[3] and "largest gap" in outputs[3]
     assert "sigma =" not in "".join(outputs)                  # no run of the notebook's own
     assert (tmp_path / "figures" / "ode_test_loss.png").read_bytes()[:4] == b"\x89PNG"
@@ -216,8 +217,8 @@ def test_notebook_shows_the_users_training_curve(root, tmp_path, monkeypatch):
 
 
 def test_cli_reports_a_failed_integration(small_teacher, tmp_path, monkeypatch):
-    from entry_points import call
     from dpp_pruning.base.storage import save_pickle
+    from entry_points import call
 
     def fail(*args, **kwargs):
         raise ode.IntegrationError("the ODE integration failed: step size too small")

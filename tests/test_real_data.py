@@ -118,7 +118,8 @@ def test_mnist_cli_trains_and_prunes(tmp_path, root):
     assert len(rows) == 4                                        # 2 rounds x reweighting 0, 1
     assert {(r["method"], r["k"], r["reweighting"]) for r in rows} == \
         {("importance_edge", "20", "0"), ("importance_edge", "20", "1")}
-    assert all(r["dataset"] == "mnist" and float(r["kept_fraction"]) == pytest.approx(20 / 784, rel=1e-5)
+    assert all(r["dataset"] == "mnist"
+               and float(r["kept_fraction"]) == pytest.approx(20 / 784, rel=1e-5)
                for r in rows)
 
 
@@ -185,7 +186,7 @@ def digits_setup():
 def test_digits_split_and_training(digits_setup):
     data = digits_setup.data
     assert data.x_train.shape == (1347, 64) and data.x_test.shape == (450, 64)
-    assert 0.0 <= float(data.x_train.min()) and float(data.x_train.max()) <= 1.0
+    assert float(data.x_train.min()) >= 0.0 and float(data.x_train.max()) <= 1.0
     assert digits_setup.unpruned_error < 8.0
 
 
@@ -239,7 +240,7 @@ def test_budgets_of_the_original(dataset, inputs, hidden, edges, nodes):
     n = [pruning.k_for_fraction("dpp_node", p, hidden, inputs) for p in experiments.FRACTIONS]
     assert (e[0], e[-1]) == edges and (n[0], n[-1]) == nodes
     assert e == sorted(set(e)) and n == sorted(set(n))           # strictly increasing
-    for p, e_p, n_p in zip(experiments.FRACTIONS, e, n):
+    for p, e_p, n_p in zip(experiments.FRACTIONS, e, n, strict=True):
         # n nodes (D inputs + H outgoing weights each) hold the parameters of H nodes with
         # floor(p D) inputs each, to within one node
         budget = hidden * (int(p * inputs + 1e-9) + hidden)
@@ -275,12 +276,14 @@ def test_masks_equal_the_registry_draws(digits_setup):
     w1 = s.drawer.w1
     kernels = list(gaussian_kernels(torch.from_numpy(s.stats.gram), 0.3, 0.01,
                                     torch.from_numpy(w1)).numpy())
-    for method, kern, k in (("dpp_edge", kernels, 20), ("dpp_node", pruning.node_kernel(s.stats, 0.3), 30),
+    for method, kern, k in (("dpp_edge", kernels, 20),
+                            ("dpp_node", pruning.node_kernel(s.stats, 0.3), 30),
                             ("random_node", None, 30), ("importance_edge", None, 20)):
         masks = s.drawer.draw(method, [k], [0, 2], seed=5)
         for r in (0, 2):
             rng = pruning.round_rngs(5, r + 1)[r]
-            ref = draw_masks(method, w1, s.drawer.out_importance, s.stats.gram, k, 1, rng, kernels=kern)
+            ref = draw_masks(method, w1, s.drawer.out_importance, s.stats.gram, k, 1, rng,
+                             kernels=kern)
             np.testing.assert_array_equal(masks[k, r], ref[0].T)
 
 
@@ -291,7 +294,7 @@ def test_dpp_edge_through_torch_eigh(digits_setup):
     drawer.eig_on_device = True
     masks = drawer.draw("dpp_edge", [5, 40], [0, 1], seed=2)
     assert set(masks) == {(5, 0), (5, 1), (40, 0), (40, 1)}
-    for (k, r), keep in masks.items():
+    for (k, _r), keep in masks.items():
         assert np.all(keep.sum(axis=1) == k)
     assert not np.array_equal(masks[5, 0], masks[5, 1])
 

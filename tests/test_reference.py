@@ -14,12 +14,27 @@ from scipy import stats
 
 from dpp_pruning.base import workflow
 from dpp_pruning.base.data import generate_teacher
-from dpp_sample_ts import (KDPP, draw_masks, edge_kernel, exact_inclusion_probabilities,
-                           node_kernel, reweight_edges, reweight_nodes)
 from dpp_pruning.theory.order_params import order_parameters
-from reference import (reference_edge_kernels, reference_generate, reference_kdpp_draws,
-                       reference_labels, reference_node_kernel, reference_order_parameters,
-                       reference_reweight_edges, reference_reweight_nodes, reference_test_masks)
+from dpp_sample_ts import (
+    KDPP,
+    draw_masks,
+    edge_kernel,
+    exact_inclusion_probabilities,
+    node_kernel,
+    reweight_edges,
+    reweight_nodes,
+)
+from reference import (
+    reference_edge_kernels,
+    reference_generate,
+    reference_kdpp_draws,
+    reference_labels,
+    reference_node_kernel,
+    reference_order_parameters,
+    reference_reweight_edges,
+    reference_reweight_nodes,
+    reference_test_masks,
+)
 
 N_IN, N_TEACHER, N_HIDDEN, N_DATA = 20, 2, 4, 3000
 

@@ -10,11 +10,9 @@ import numpy as np
 import pytest
 from nbclient import NotebookClient
 
-from dpp_pruning.experiments import claims
 import reproduce
 from dpp_pruning.base import cli
-from dpp_pruning.experiments import study
-from dpp_pruning.experiments import sweep
+from dpp_pruning.experiments import claims, study, sweep
 from dpp_pruning.experiments.run_tables import EXPECTATION_COLUMNS, RESULT_COLUMNS
 
 
@@ -124,7 +122,8 @@ def test_expected_column_is_the_mean_over_many_sampled_masks(three_students):
         sd = spread[(r["student"], r["noise"], r["student_h_size"], r["method"], r["k"],
                      r["reweighting"])]
         if sd > 0:
-            z.append((float(r["predicted_loss"]) - float(r["expected"])) / (sd / math.sqrt(num_masks)))
+            z.append((float(r["predicted_loss"]) - float(r["expected"]))
+                     / (sd / math.sqrt(num_masks)))
     z = np.array(z)
     assert len(z) > 30
     assert abs(z.mean()) < 4 / math.sqrt(len(z)) + 0.3 and 0.4 < z.std() < 1.6
@@ -141,7 +140,8 @@ def test_claims_table_pairs_students(three_students):
         exp = list(csv.DictReader(f))
     assert set(exp[0]) == set(EXPECTATION_COLUMNS)
     row = next(r for r in rows if r["claim"] == "dpp_node below random_node"
-               and r["noise"] == "0.0" and r["student_h_size"] == "6" and r["nodes_equivalent"] == "3")
+               and r["noise"] == "0.0" and r["student_h_size"] == "6"
+               and r["nodes_equivalent"] == "3")
     pick = {(e["student"], e["method"]): float(e["expected"]) for e in exp
             if e["noise"] == "0.0" and e["student_h_size"] == "6" and e["k"] == "3"
             and e["reweighting"] == "0" and e["method"] in ("dpp_node", "random_node")}
@@ -156,7 +156,8 @@ def test_claims_are_judged_on_the_students_asked_for(three_students, tmp_path, c
     out = tmp_path / "run"
     shutil.copytree(three_students[0], out)
     reproduce.main(["--preset", "smoke", "--out", str(out), "--methods",
-                    "dpp_node,random_node,random_edge,dpp_edge", "--rounds", "1", "--students", "2"])
+                    "dpp_node,random_node,random_edge,dpp_edge", "--rounds", "1",
+                    "--students", "2"])
     with open(out / "claims.csv") as f:
         rows = list(csv.DictReader(f))
     assert rows and all(r["students"] == "2" for r in rows)
@@ -230,9 +231,10 @@ def test_keep_data_0_removes_teachers_and_changes_no_result(three_students, tmp_
         lean = list(csv.DictReader(g))
     # the fixture ran students 0 and 1 in this process (torch's own thread count), this run in
     # one-thread workers: float32 products may round differently, nothing else may differ
-    assert [{k: r[k] for k in r if "loss" not in k and not k.startswith("expected")} for r in full] == [
-        {k: r[k] for k in r if "loss" not in k and not k.startswith("expected")} for r in lean]
-    for a, b in zip(full, lean):
+    def settings(r):
+        return {k: r[k] for k in r if "loss" not in k and not k.startswith("expected")}
+    assert [settings(r) for r in full] == [settings(r) for r in lean]
+    for a, b in zip(full, lean, strict=True):
         for key in ("test_loss", "predicted_loss", "expected", "expected_first_order"):
             assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-6, nan_ok=True)
 
@@ -253,7 +255,8 @@ def test_claims_notebook_runs_on_several_students(three_students, root, monkeypa
     NotebookClient(nb, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": str(root / "notebooks")}}).execute()
     code = [c for c in nb.cells if c.cell_type == "code"]
-    assert "3 independently trained student(s)" in "".join(o.get("text", "") for o in code[0].outputs)
+    printed = "".join(o.get("text", "") for o in code[0].outputs)
+    assert "3 independently trained student(s)" in printed
     # one vocabulary: the counts under each verdict grid use the words of claims.md only
     counts = [line for c in code[1:3] for o in c.outputs
               for line in o.get("text", "").splitlines() if not line.startswith("saved ")]
@@ -261,7 +264,8 @@ def test_claims_notebook_runs_on_several_students(three_students, root, monkeypa
     words = {part.split(" ", 1)[1] for line in counts for part in line.split(": ")[-1].split(", ")}
     assert words and words <= {"holds", "fails", "not resolved (3 students)"}
     text = "".join(c.source for c in nb.cells if c.cell_type == "markdown") + "".join(
-        o.get("text", "") + o.get("data", {}).get("text/plain", "") for c in code for o in c.outputs)
+        o.get("text", "") + o.get("data", {}).get("text/plain", "")
+        for c in code for o in c.outputs)
     assert not [old for old in ("FAILS", "✓", "✗", "?", "not resolved at") if old in text]
     images = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(images) == 8

@@ -4,6 +4,7 @@ import builtins
 import glob
 import io
 import os
+import pathlib
 import pickle
 import shutil
 import signal
@@ -147,13 +148,13 @@ def test_evil_teacher_through_the_real_script(root, good, tmp_path):
     d = copy_of(good, tmp_path)
     with open(os.path.join(d, "teacher.pkl"), "wb") as f:
         f.write(evil_pickles(marker)["os.system"])
-    before = {name: open(os.path.join(d, name), "rb").read() for name in os.listdir(d)}
+    before = {name: pathlib.Path(d, name).read_bytes() for name in os.listdir(d)}
     proc = subprocess.run([sys.executable, str(root / "teacher_student.py"), *map(str, ts_args(d))],
                           capture_output=True, text=True, timeout=120)
     assert not os.path.exists(marker)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "teacher file" in proc.stderr, proc.stderr
-    assert {name: open(os.path.join(d, name), "rb").read() for name in os.listdir(d)} == before
+    assert {name: pathlib.Path(d, name).read_bytes() for name in os.listdir(d)} == before
 
 
 def test_allowlisted_constructor_with_hostile_arguments_is_refused(tmp_path):
@@ -187,7 +188,8 @@ BIG = ["--input_dim", 100, "--num_data", 300000]   # ~133 MB: a write that takes
 
 
 def start_teacher_dataset(root, d, target):
-    err = open(os.path.join(d, "stderr.txt"), "w")
+    # the child's stderr, open while it runs: the caller closes it
+    err = open(os.path.join(d, "stderr.txt"), "w")  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, str(root / "teacher_dataset.py"), *map(str, BIG),
                              "--teacher_path", target], stdout=subprocess.DEVNULL, stderr=err)
     return proc, err
@@ -213,7 +215,7 @@ def signal_while_writing(root, good, d, signum):
     the temporary file is being written -> (return code, path of the target, old bytes)."""
     target = os.path.join(d, "teacher.pkl")
     shutil.copy(os.path.join(good, "teacher.pkl"), target)
-    old = open(target, "rb").read()
+    old = pathlib.Path(target).read_bytes()
     proc, err = start_teacher_dataset(root, d, target)
     try:
         wait_for(lambda: any(os.path.getsize(p) > 0 for p in parts(d)), proc,
@@ -229,7 +231,7 @@ def test_sigkill_while_writing_leaves_the_old_file_intact(root, good, tmp_path):
     d = str(tmp_path)
     code, target, old = signal_while_writing(root, good, d, signal.SIGKILL)
     assert code == -signal.SIGKILL
-    assert open(target, "rb").read() == old
+    assert pathlib.Path(target).read_bytes() == old
     assert storage.load_pickle(target, "teacher file").input_dim == N
     # What SIGKILL leaves behind is hidden, and removed by the next write of the same target.
     leftovers = parts(d)
@@ -245,7 +247,7 @@ def test_sigkill_while_generating_leaves_no_file(root, tmp_path):
     target = os.path.join(d, "teacher.pkl")
     proc, err = start_teacher_dataset(root, d, target)
     try:
-        wait_for(lambda: "generating" in open(os.path.join(d, "stderr.txt")).read(), proc,
+        wait_for(lambda: "generating" in pathlib.Path(d, "stderr.txt").read_text(), proc,
                  "generation started")
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
@@ -260,8 +262,8 @@ def test_sigterm_while_writing_cleans_up(root, good, tmp_path):
     d = str(tmp_path)
     code, target, old = signal_while_writing(root, good, d, signal.SIGTERM)
     assert code == 143
-    assert open(target, "rb").read() == old and not parts(d)
-    assert "terminated" in open(os.path.join(d, "stderr.txt")).read()
+    assert pathlib.Path(target).read_bytes() == old and not parts(d)
+    assert "terminated" in pathlib.Path(d, "stderr.txt").read_text()
 
 
 # ----------------------------------------------------------------------------------------
@@ -353,7 +355,8 @@ def test_a_temporary_file_of_a_killed_unreaped_writer_is_removed(tmp_path):
     try:
         os.kill(child.pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while open(f"/proc/{child.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+        stat = pathlib.Path(f"/proc/{child.pid}/stat")
+        while stat.read_text().rsplit(")", 1)[1].split()[0] != "Z":
             assert time.monotonic() < deadline
             time.sleep(0.01)
         part = tmp_path / f".cell.npz.{child.pid}.abc123.part"

@@ -12,10 +12,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from dpp_pruning.base import cli
 import reproduce
-from dpp_pruning.experiments import study
-from dpp_pruning.experiments import sweep
+from dpp_pruning.base import cli
+from dpp_pruning.experiments import study, sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,7 +44,8 @@ def test_presets_are_the_paper_grids():
                                                                                 (1,))
     assert [(p.student_h_size, p.methods, p.node_budgets) for p in paper.panels] == [
         (6, sweep.ALL_METHODS, (1, 2, 3, 4, 5)), (20, ("dpp_node", "random_edge"), (1, 2, 3, 4, 5))]
-    assert [sweep.budget("dpp_edge", n, 500, 6) for n in (1, 2, 3, 4, 5)] == [83, 166, 250, 333, 417]
+    assert [sweep.budget("dpp_edge", n, 500, 6)
+            for n in (1, 2, 3, 4, 5)] == [83, 166, 250, 333, 417]
     smoke, small = study.preset("smoke"), study.preset("small")
     assert (smoke.input_dim, smoke.num_data, smoke.rounds, smoke.num_masks) == (20, 32000, 2, 10)
     assert smoke.panels[1].node_budgets == (1, 3, 5)              # from fractions 5%, 15%, 25%

@@ -8,10 +8,10 @@ import pytest
 
 from dpp_pruning.base import workflow
 from dpp_pruning.base.data import generate_teacher
+from dpp_pruning.base.storage import load_pickle, load_state_dict
 from dpp_sample_ts import importance_node_keep
 from entry_points import call
 from models import student_from_weights
-from dpp_pruning.base.storage import load_pickle, load_state_dict
 
 N, P, K = 30, 48000, 6
 
@@ -112,4 +112,5 @@ def test_generated_students_differ_from_rescaled_ones():
     r = workflow.rescaled(trained).w1.weight.detach().double().numpy()
     np.testing.assert_allclose(np.linalg.norm(r, axis=1), np.sqrt(N))
     np.testing.assert_allclose(r / np.linalg.norm(r, axis=1, keepdims=True),
-                               w / np.linalg.norm(w, axis=1, keepdims=True), rtol=1e-6)  # stored in float32
+                               w / np.linalg.norm(w, axis=1, keepdims=True),
+                               rtol=1e-6)  # stored in float32

@@ -10,10 +10,15 @@ import evaluate
 import teacher_student
 from dpp_pruning.base import workflow
 from dpp_pruning.base.data import generate_teacher
-from dpp_sample_ts import PRUNERS
-from dpp_pruning.theory.order_params import (NotSpecialised, block_order, generalisation_error, order_parameters,
-                          random_edge_expected)
 from dpp_pruning.base.storage import load_pickle
+from dpp_pruning.theory.order_params import (
+    NotSpecialised,
+    block_order,
+    generalisation_error,
+    order_parameters,
+    random_edge_expected,
+)
+from dpp_sample_ts import PRUNERS
 
 N, P, K = 30, 48000, 6          # P / N = 1600 as in the paper
 EDGE_K = 15                     # = (3 (N + 1) - K) / K rounded: the budget of 3 nodes
@@ -52,7 +57,8 @@ def test_readme_commands_dpp_node_and_dpp_edge(run_dir, root):
             "--trained_weights", f"student_{K}.pth", "--procedure", "pruning", "--num_masks", 20,
             "--k", k)
         out = cli(root, run_dir, "teacher_student.py", *common(), "--trained_weights",
-                  f"student_{K}.pth", "--procedure", "testing", "--pruning_choice", choice, "--k", k)
+                  f"student_{K}.pth", "--procedure", "testing", "--pruning_choice", choice,
+                  "--k", k)
         loss = float(re.search(r"pruned MLP avg\. test loss: (\S+)", out).group(1))
         assert np.isfinite(loss) and loss > 0
         out = cli(root, run_dir, "evaluate.py", "--path_to_student_mask",
@@ -146,8 +152,9 @@ def test_random_edge_closed_form():
 
 @pytest.mark.parametrize("nonlinearity", ["sigmoid", "relu", "linear"])
 def test_generalisation_error_against_monte_carlo(nonlinearity):
-    from models import activation
     import torch
+
+    from models import activation
     rng = np.random.default_rng(1)
     n = 30
     w, w_star = rng.normal(size=(3, n)), rng.normal(size=(2, n))
@@ -175,9 +182,10 @@ def test_block_order_and_not_specialised():
 
 def test_evaluate_says_when_not_specialised(tmp_path, capsys, monkeypatch):
     """An untrained student: one clear note, matrices in natural order, no crash."""
-    from models import Student
-    from dpp_pruning.base.storage import save_state_dict
     import torch
+
+    from dpp_pruning.base.storage import save_state_dict
+    from models import Student
     monkeypatch.chdir(tmp_path)
     teacher_dataset_main = __import__("teacher_dataset").main
     teacher_dataset_main(["--input_dim", str(N), "--num_data", "2000", "--teacher_path",

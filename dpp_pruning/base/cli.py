@@ -145,7 +145,8 @@ def positive(name, value, allow_zero=False):
     if value is None:
         raise UserError(f"{name} is required")
     if value < 0 or (value == 0 and not allow_zero):
-        raise UserError(f"{name} must be {'non-negative' if allow_zero else 'positive'}, got {value}")
+        raise UserError(f"{name} must be {'non-negative' if allow_zero else 'positive'}, "
+                        f"got {value}")
 
 
 def seed(name, value):
@@ -167,7 +168,8 @@ def resolve_device(name, flag="--device"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise UserError(f"{flag} {name} asked for a GPU but torch sees none here; use {flag} cpu")
+            raise UserError(f"{flag} {name} asked for a GPU but torch sees none here; "
+                            f"use {flag} cpu")
         return name
     raise UserError(f"{flag} must be cpu, cuda or auto, got {name!r}")
 
@@ -182,10 +184,7 @@ def _all_finite(array, rows=65536):
     a = array.numpy() if hasattr(array, "numpy") else np.asarray(array)
     if a.ndim == 0:
         return bool(np.isfinite(a))
-    for start in range(0, a.shape[0], rows):
-        if not np.isfinite(a[start:start + rows]).all():
-            return False
-    return True
+    return all(np.isfinite(a[start:start + rows]).all() for start in range(0, a.shape[0], rows))
 
 
 def _is_int(x):
@@ -252,6 +251,7 @@ def check_same_teacher(masks, teacher, path, teacher_path, again):
 def check_student(student, path, what="masks file"):
     """Raise UserError unless `student` (a models.Student) has finite float weights."""
     import torch
+
     from models import Student
     if not isinstance(student, Student):
         raise UserError(f"{what} {path} does not hold a student network")
@@ -265,6 +265,7 @@ def check_masks(content, path, input_dim=None, teacher=None, teacher_path=None):
     """Raise UserError unless `content` is the (unpruned student, MaskList) a pruning run wrote,
     with 0/1 masks of the right shape, for `input_dim` and `teacher` if given."""
     import numpy as np
+
     from dpp_pruning.base.choices import k_range
     from dpp_sample_ts import PRUNERS, MaskList
     again = "prune again with teacher_student.py --procedure pruning"

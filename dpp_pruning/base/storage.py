@@ -20,9 +20,9 @@ import contextlib
 import errno
 import fcntl
 import os
-import socket
 import pickle
 import re
+import socket
 import tempfile
 import warnings
 import zipfile
@@ -288,7 +288,7 @@ def _checked_rebuild_student(input_dim, hidden_size, nonlinearity, mode, w1, w2)
     corrupted file cannot make it allocate an enormous network."""
     import models
     ok = (isinstance(input_dim, int) and isinstance(hidden_size, int)
-          and 0 < input_dim and 0 < hidden_size
+          and input_dim > 0 and hidden_size > 0
           and isinstance(w1, np.ndarray) and isinstance(w2, np.ndarray)
           and w1.shape == (hidden_size, input_dim) and w2.size == hidden_size
           and nonlinearity in models.NONLINEARITIES and mode in models.MODES)

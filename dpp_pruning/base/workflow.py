@@ -11,13 +11,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dpp_pruning.theory import expectations
-from dpp_pruning.theory import order_param_odes
 from dpp_pruning.base import training
-from dpp_sample_ts import (PRUNERS, MaskList, draw_masks, edge_kernel, normalise_rows,
-                           pruned_students)
-from models import Student, activation, student_from_weights
+from dpp_pruning.theory import expectations, order_param_odes
 from dpp_pruning.theory.order_params import generalisation_error, order_parameters
+from dpp_sample_ts import (
+    PRUNERS,
+    MaskList,
+    draw_masks,
+    edge_kernel,
+    normalise_rows,
+    pruned_students,
+)
+from models import Student, activation, student_from_weights
 
 
 def student_filename(student_h_size):
@@ -211,9 +216,9 @@ def train_with_curve(teacher, student_h_size, nonlinearity="sigmoid", mode="norm
                      progress=None):
     """`train` (plain SGD, same seed, bit-identical weights) cut into about `points` segments
     of consecutive training samples (`segment_bounds`); at the start and after each segment,
-    the test loss on the first `test_rows` test samples and the order parameters. With `with_ode`, the order-parameter ODEs started
-    from the student's initial Q, R, T, v and integrated to the same alphas = steps / N
-    (not when SGD diverged: then curve.ode is None).
+    the test loss on the first `test_rows` test samples and the order parameters. With
+    `with_ode`, the order-parameter ODEs started from the student's initial Q, R, T, v and
+    integrated to the same alphas = steps / N (not when SGD diverged: then curve.ode is None).
 
     Returns (trained student, TrainingCurve).
     """
@@ -232,7 +237,7 @@ def train_with_curve(teacher, student_h_size, nonlinearity="sigmoid", mode="norm
         qs.append(q), rs.append(r), vs.append(w2.copy())
 
     record()
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
         while a < b:                             # a segment may cross an epoch's end
             start, stop = a % p, min(b - a, p - a % p) + a % p
             w1, w2 = training.online_sgd_arrays(

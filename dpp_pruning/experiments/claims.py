@@ -11,9 +11,9 @@ mean over all of that student's masks used, and the row says so (basis `measured
 Across students the d_s are independent draws (each student has its own teacher, data and
 initialisation), so the 95% interval is mean ± t_{0.975, S-1} · sd / sqrt(S). Verdict:
 `holds` where the interval lies below zero, `fails` where it lies above, else `not resolved
-at S students` (shown as "not resolved (S students)"). Each interval is for its own row: with many rows some will exclude zero by
-chance (about 1 in 40 false verdicts each way at 95%), so read patterns across budgets, not
-single rows.
+at S students` (shown as "not resolved (S students)"). Each interval is for its own row:
+with many rows some will exclude zero by chance (about 1 in 40 false verdicts each way at
+95%), so read patterns across budgets, not single rows.
 """
 import math
 import re

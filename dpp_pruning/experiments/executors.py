@@ -149,13 +149,15 @@ class LocalDaskCluster:
         if dask is None:
             raise FileNotFoundError("the dask command line is not installed (requirements.txt)")
         root = root or ROOT
-        self._env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self._env = dict(os.environ,
+                         PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         self.address = f"tcp://127.0.0.1:{port}"
         self.procs = []
-        self._log = open(os.path.join(folder, "dask_cluster.log"), "w")
+        # held open for the processes' output while the cluster runs; closed by close()
+        self._log = open(os.path.join(folder, "dask_cluster.log"), "w")  # noqa: SIM115
         self._start([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port),
                      "--dashboard-address", "127.0.0.1:0", "--idle-timeout", "600"], root)
         self.workers = [self._start([dask, "worker", self.address, "--host", "127.0.0.1",

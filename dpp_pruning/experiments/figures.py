@@ -12,7 +12,6 @@ students as error bars; with one student, means over rounds with 95% t-intervals
 rounds. Only rows with `rescale` = 1 (rows rescaled to norm sqrt(N) before pruning, the
 default) are shown.
 """
-import json
 import os
 
 import matplotlib.colors
@@ -22,15 +21,13 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
-from dpp_pruning.experiments import claims as claims_module
 import reproduce
 from dpp_pruning import ROOT
-from dpp_pruning.experiments import study
-from dpp_pruning.experiments import sweep
+from dpp_pruning.experiments import claims as claims_module
+from dpp_pruning.experiments import study, sweep
+from dpp_pruning.experiments.plots import band, method_offsets, method_style, percent_axis
 from dpp_pruning.theory.expectations import expected_random_edge_loss
 from dpp_pruning.theory.order_params import NotSpecialised, block_order
-from dpp_pruning.experiments.plots import band, method_offsets, method_style, percent_axis
-
 
 
 class NoResults(Exception):
@@ -125,8 +122,8 @@ def _summary(df):
     rows = []
     for key, part in per_unit.groupby(keys):
         mean, half = _interval(part.loss)
-        rows.append(dict(zip(keys, key), mean=mean, ci=half, predicted=part.predicted.mean(),
-                         unpruned=part.unpruned.mean()))
+        rows.append(dict(zip(keys, key, strict=True), mean=mean, ci=half,
+                         predicted=part.predicted.mean(), unpruned=part.unpruned.mean()))
     return pd.DataFrame(rows, columns=keys + ["mean", "ci", "predicted", "unpruned"])
 
 
@@ -208,7 +205,7 @@ def _legend_below(fig, axes):
     """One legend for every method drawn in any panel, below the panels (it covers none)."""
     handles = {}
     for ax in axes:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             handles.setdefault(label, handle)
     fig.tight_layout()
     fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=4, fontsize=8,
@@ -220,7 +217,7 @@ def figure_loss_vs_budget(run, reweighting=0):
     panels per row."""
     panels = [(noise, p) for p in run.preset.panels for noise in run.preset.noise_levels]
     fig, axes = _grid(len(panels))
-    for ax, (noise, panel) in zip(axes, panels):
+    for ax, (noise, panel) in zip(axes, panels, strict=True):
         plot_loss_vs_budget(run, ax, noise, panel.student_h_size, reweighting, panel.methods)
     _legend_below(fig, axes)
     return fig
@@ -231,7 +228,7 @@ def figure_node_methods(run, reweighting=0):
     noises = run.preset.noise_levels
     fig, axes = _grid(len(noises))
     student_h_size = run.preset.panels[0].student_h_size
-    for ax, noise in zip(axes, noises):
+    for ax, noise in zip(axes, noises, strict=True):
         plot_loss_vs_budget(run, ax, noise, student_h_size, reweighting,
                             ("dpp_node", "random_node", "importance_node"), x="k")
         ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
@@ -309,12 +306,12 @@ def random_edge_curve(run, noise, student_h_size, fractions):
 def figure_random_edge_closed_form(run):
     """Figure 4b: random_edge measured against the closed form in the fraction kept, for
     student 0 (whose order parameters give the curve)."""
-    panels = [(noise, p.student_h_size) for p in run.preset.panels for noise in run.preset.noise_levels
-              if "random_edge" in p.methods]
+    panels = [(noise, p.student_h_size) for p in run.preset.panels
+              for noise in run.preset.noise_levels if "random_edge" in p.methods]
     fig, axes = _grid(len(panels))
     fractions = np.linspace(0.01, 1.0, 100)
     rows = selected_rows(run)
-    for ax, (noise, student_h_size) in zip(axes, panels):
+    for ax, (noise, student_h_size) in zip(axes, panels, strict=True):
         df = rows[(rows.noise == noise) & (rows.student_h_size == student_h_size)
                   & (rows.method == "random_edge") & (rows.reweighting == 0)
                   & (rows.student == 0)]
@@ -410,7 +407,7 @@ def plot_paired_differences(run, axes, a, b, student_h_size=6, rw=0):
     node budget, their mean and 95% t-interval across students (bars)."""
     _, expected, _ = claim_tables(run)
     part = expected[(expected.student_h_size == student_h_size) & (expected.reweighting == rw)]
-    for ax, noise in zip(axes, sorted(part.noise.unique())):
+    for ax, noise in zip(axes, sorted(part.noise.unique()), strict=False):
         p = part[part.noise == noise]
         pa = p[p.method == a].set_index(["student", "nodes_equivalent"]).expected
         pb = p[p.method == b].set_index(["student", "nodes_equivalent"]).expected
@@ -419,7 +416,7 @@ def plot_paired_differences(run, axes, a, b, student_h_size=6, rw=0):
             ax.plot(ds.nodes_equivalent + 0.06 * (s - d.student.max() / 2), ds.expected, "o",
                     color="0.6", ms=4, label="one student" if s == 0 else None)
         stats = [(n, *_interval(g.expected)) for n, g in d.groupby("nodes_equivalent")]
-        xs, means, halves = zip(*stats)
+        xs, means, halves = zip(*stats, strict=True)
         ax.errorbar(xs, means, yerr=halves, color="C0", marker="s", capsize=4, lw=2,
                     label="mean, 95% CI")
         ax.axhline(0, color="k", lw=0.8)

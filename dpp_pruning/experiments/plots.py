@@ -45,8 +45,9 @@ def percent_axis(axis, log=False):
 def band(ax, xs, mean, half, floor, **style):
     """The interval mean ± half as a shaded band; where its lower end reaches `floor` or
     below (on a log axis, zero or less cannot be drawn) it is cut at `floor`."""
-    low = [max(m - h, floor) for m, h in zip(mean, half)]
-    ax.fill_between(xs, low, [m + h for m, h in zip(mean, half)], alpha=0.12, lw=0, **style)
+    low = [max(m - h, floor) for m, h in zip(mean, half, strict=True)]
+    high = [m + h for m, h in zip(mean, half, strict=True)]
+    ax.fill_between(xs, low, high, alpha=0.12, lw=0, **style)
 
 
 def heatmap_figure(panels, suptitle=None, vmin=-1.0, vmax=1.0, columns=2):
@@ -60,7 +61,7 @@ def heatmap_figure(panels, suptitle=None, vmin=-1.0, vmax=1.0, columns=2):
     fig, axes = plt.subplots(rows, columns, figsize=(2.2 + 0.5 * sum(widths), 3.4 * rows),
                              squeeze=False, layout="constrained",
                              gridspec_kw={"width_ratios": widths})
-    for ax, (title, matrix) in zip(axes.ravel(), panels.items()):
+    for ax, (title, matrix) in zip(axes.ravel(), panels.items(), strict=False):
         image = ax.imshow(matrix, cmap="RdBu_r", vmin=vmin, vmax=vmax)
         ax.set_title(title, fontsize=10)
         ax.set_xticks(range(matrix.shape[1]))
@@ -130,7 +131,7 @@ def figure_test_error(rows, dataset):
     methods = [m for m in METHOD_STYLE if m in set(summary.method)]
     shift = method_offsets(methods, 0.6)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, rw in zip(axes, (0, 1)):
+    for ax, rw in zip(axes, (0, 1), strict=True):
         for method in methods:
             s = summary[(summary.reweighting == rw) & (summary.method == method)]
             style = method_style(method)

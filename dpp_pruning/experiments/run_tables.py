@@ -16,8 +16,8 @@ import os
 
 import numpy as np
 
-from dpp_pruning.experiments import sweep
 from dpp_pruning.base.storage import atomic_open
+from dpp_pruning.experiments import sweep
 
 RESULT_COLUMNS = ("student", "noise", "teacher_h_size", "student_h_size", "rescale", "method",
                   "reweighting", "k", "nodes_equivalent", "fraction_kept", "round", "test_loss",
@@ -67,7 +67,8 @@ class RunTables:
 
     @property
     def groups(self):
-        return sorted(self._group_rows, key=lambda g: _order(g.dataset) + (g.student_h_size, -g.rescale))
+        return sorted(self._group_rows,
+                      key=lambda g: _order(g.dataset) + (g.student_h_size, -g.rescale))
 
     def add(self, unit):
         """Parse a finished cell or group (nothing if its file is not there yet)."""
@@ -107,7 +108,8 @@ class RunTables:
                     for m, k, nodes, rw, value, first, sd in z["rows"]]
             special = [dict(**fields, teacher_node=n, student_nodes=int(c), summed_v=float(s),
                             effective_v=float(e))
-                       for n, (c, s, e) in enumerate(zip(z["counts"], z["summed"], z["effective"]))]
+                       for n, (c, s, e) in enumerate(zip(z["counts"], z["summed"], z["effective"],
+                                                         strict=True))]
         return rows, special
 
     def expectation_rows(self):

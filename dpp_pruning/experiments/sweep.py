@@ -29,10 +29,16 @@ import numpy as np
 
 from dpp_pruning.base import workflow
 from dpp_pruning.base.data import generate_teacher
+from dpp_pruning.base.storage import (
+    atomic_open,
+    load_pickle,
+    load_state_dict,
+    save_pickle,
+    save_state_dict,
+)
+from dpp_pruning.theory.order_params import order_parameters
 from dpp_sample_ts import KDPP, PRUNERS, edge_kernel
 from models import student_from_weights
-from dpp_pruning.theory.order_params import order_parameters
-from dpp_pruning.base.storage import atomic_open, load_pickle, load_state_dict, save_pickle, save_state_dict
 
 ALL_METHODS = ("dpp_node", "dpp_edge", "random_node", "random_edge", "importance_node",
                "importance_edge")
@@ -47,7 +53,8 @@ class RunFolderError(ValueError):
 
 @dataclass(frozen=True)
 class Dataset:
-    """One teacher and its data: student set s, noise level, teacher size (None: the study's own M)."""
+    """One teacher and its data: student set s, noise level, teacher size (None: the study's
+    own M)."""
     student: int
     noise: float
     teacher_h_size: int = None

@@ -40,8 +40,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dpp_sample_ts import (KDPP, PRUNERS, draw_masks, gaussian_kernel, gaussian_kernels,
-                           reweight_edges_batched, reweight_nodes)
+from dpp_sample_ts import (
+    KDPP,
+    PRUNERS,
+    draw_masks,
+    gaussian_kernel,
+    gaussian_kernels,
+    reweight_edges_batched,
+    reweight_nodes,
+)
 from models import MLP
 
 METHODS = tuple(PRUNERS)                         # the six pruning strategies
@@ -193,7 +200,8 @@ class MaskDrawer:
             kernels = gaussian_kernels(gram, self.beta, EPS, w[start:start + self.node_batch])
             if self.eig_on_device:
                 vals, vecs = torch.linalg.eigh(kernels)
-                batch = [KDPP.from_eig(v, u) for v, u in zip(vals.cpu().numpy(), vecs.cpu().numpy())]
+                batch = [KDPP.from_eig(v, u)
+                         for v, u in zip(vals.cpu().numpy(), vecs.cpu().numpy(), strict=True)]
             else:
                 batch = [KDPP(kernel) for kernel in kernels.numpy()]
             for offset, kdpp in enumerate(batch):

@@ -112,7 +112,8 @@ def _load_torchvision(name, data_root, download):
         if name == "cifar10":
             raise UserError(f"the CIFAR-10 files in {folder} fail torchvision's md5 check (not "
                             "the official batches, or corrupted); replace them with the "
-                            "official cifar-10-batches-py or delete them and use --download") from None
+                            "official cifar-10-batches-py or delete them and use "
+                            "--download") from None
         raise UserError(f"torchvision cannot read {name} from {folder} ({_short(e)}); "
                         "replace the files or use --download") from None
     except OSError as e:  # URLError and friends: no network

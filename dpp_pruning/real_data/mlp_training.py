@@ -14,8 +14,8 @@ import time
 import torch
 
 from dpp_pruning.base.cli import UserError
-from models import MLP, MLP_SIZES
 from dpp_pruning.base.storage import load_state_dict, save_state_dict
+from models import MLP, MLP_SIZES
 
 log = logging.getLogger("dpp_pruning.real_data")
 

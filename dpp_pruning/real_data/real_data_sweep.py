@@ -14,14 +14,28 @@ import time
 from dataclasses import dataclass
 
 from dpp_pruning.base.cli import UserError
-from dpp_pruning.real_data.first_layer_pruning import (DPP_METHODS, METHODS, FirstLayerStats, MaskDrawer,
-                                 first_layer_stats, granularity, k_for_fraction, kept_fraction,
-                                 nominal_fraction, prune_first_layer)
-from dpp_pruning.real_data.image_datasets import Data, load_dataset
-from dpp_pruning.real_data.mlp_training import (cpu_threads, error_percent, load_weights, train_and_save,
-                          weights_id)
-from models import MLP
 from dpp_pruning.base.storage import atomic_open
+from dpp_pruning.real_data.first_layer_pruning import (
+    DPP_METHODS,
+    METHODS,
+    FirstLayerStats,
+    MaskDrawer,
+    first_layer_stats,
+    granularity,
+    k_for_fraction,
+    kept_fraction,
+    nominal_fraction,
+    prune_first_layer,
+)
+from dpp_pruning.real_data.image_datasets import Data, load_dataset
+from dpp_pruning.real_data.mlp_training import (
+    cpu_threads,
+    error_percent,
+    load_weights,
+    train_and_save,
+    weights_id,
+)
+from models import MLP
 
 log = logging.getLogger("dpp_pruning.real_data")
 
@@ -65,7 +79,8 @@ def _locked(path):
     name = lock_path(path)
     os.makedirs(os.path.dirname(name), exist_ok=True)
     while True:
-        lock = open(name, "a")
+        # held (and locked) past the loop until the block ends; closed below or in finally
+        lock = open(name, "a")  # noqa: SIM115
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             current = os.stat(name)
@@ -184,7 +199,8 @@ def sweep(setup, *, methods=METHODS, fractions=FRACTIONS, rounds=3, seed=0,
         todo = {}
         for k in ks:
             for r in range(rounds):
-                missing = [rw for rw in reweightings if _key(setup, method, rw, seed, k, r) not in done]
+                missing = [rw for rw in reweightings
+                           if _key(setup, method, rw, seed, k, r) not in done]
                 if missing:
                     todo.setdefault(k, {})[r] = missing
         if not todo:

@@ -29,10 +29,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dpp_sample_ts import (PRUNERS, edge_kernel, importance_node_keep, node_kernel,
-                           reweight_edges, sampler, solve_psd)
 from dpp_pruning.theory.mask_marginals import BernoulliMarginals, FixedMarginals, KDPPMarginals
-from dpp_pruning.theory.order_params import generalisation_error, order_parameters, random_edge_expected
+from dpp_pruning.theory.order_params import (
+    generalisation_error,
+    order_parameters,
+    random_edge_expected,
+)
+from dpp_sample_ts import (
+    PRUNERS,
+    edge_kernel,
+    importance_node_keep,
+    node_kernel,
+    reweight_edges,
+    sampler,
+    solve_psd,
+)
 
 NODE_METHODS = ("dpp_node", "random_node", "importance_node")
 EDGE_METHODS = ("dpp_edge", "random_edge", "importance_edge")
@@ -115,7 +126,7 @@ def reweighted_outgoing(v, subsets, hidden_gram):
     try:
         delta = np.linalg.solve(h_ss, rhs)[..., 0]
     except np.linalg.LinAlgError:
-        delta = np.stack([solve_psd(a, b)[:, 0] for a, b in zip(h_ss, rhs)])
+        delta = np.stack([solve_psd(a, b)[:, 0] for a, b in zip(h_ss, rhs, strict=True)])
     out[np.arange(num)[:, None], subsets] += delta
     return out
 
@@ -239,7 +250,7 @@ def edge_moments(w1, w_star, marginals):
                             (w1[i] * pi[others] * w1[others]).T], axis=1) / n   # (N, K + M)
         idx = np.concatenate([[q_index[i, i]], r_index[i], q_index[i, others]])
         cov[np.ix_(idx, idx)] += mg.cov_form(x)
-    for i, j in zip(*np.triu_indices(num_nodes, 1)):
+    for i, j in zip(*np.triu_indices(num_nodes, 1), strict=True):
         # Var(Q'_ij): the diagonal part of Σ_ab C_i(a,b) C_j(a,b) z_a z_b (see module doc)
         z = w1[i] * w1[j] / n
         cov[q_index[i, j], q_index[i, j]] += np.sum(var[i] * var[j] * z * z)
@@ -252,7 +263,8 @@ def edge_expectation(method, k, w1, w2, w_star, v_star, gram=None, kernels=None,
     value is first order plus the delta-method correction ½ tr(H Cov)."""
     if marginals is None:
         marginals = edge_marginals(method, k, w1, gram, kernels)
-    t = np.asarray(w_star, dtype=np.float64) @ np.asarray(w_star, dtype=np.float64).T / np.shape(w1)[1]
+    w_star64 = np.asarray(w_star, dtype=np.float64)
+    t = w_star64 @ w_star64.T / np.shape(w1)[1]
     v = np.ravel(np.asarray(w2, dtype=np.float64))
 
     theta, mean, cov = edge_moments(w1, w_star, marginals)

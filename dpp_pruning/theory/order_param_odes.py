@@ -1,4 +1,5 @@
-"""Order-parameter ODEs of online SGD for the erf two-layer network (NOTES.md, "Theory of training").
+"""Order-parameter ODEs of online SGD for the erf two-layer network (NOTES.md, "Theory of
+training").
 
 Notation (NOTES.md): K student nodes with fields lambda_i = w_i . x / sqrt(N), M teacher nodes
 with fields nu_n = w*_n . x / sqrt(N), g(z) = erf(z / sqrt 2), g'(z) = sqrt(2/pi) exp(-z^2/2).
@@ -6,18 +7,23 @@ The L = K + M fields f = (lambda, nu) are jointly Gaussian with covariance
 
     C = [[Q, R], [R^T, T]]   (L, L),   Q = W W^T / N, R = W W*^T / N, T = W* W*^T / N.
 
-With the combined output weights u = (v, -v*) (L,), the error is Delta = sum_c u_c g(f_c) - sigma eps.
-In the time alpha = steps / N, our SGD (first layer eta / sqrt(N), second layer eta / N) gives,
-as N -> infinity (Saad & Solla 1995; Riegler & Biehl 1995; Goldt et al. 2019):
+With the combined output weights u = (v, -v*) (L,), the error is
+Delta = sum_c u_c g(f_c) - sigma eps. In the time alpha = steps / N, our SGD (first layer
+eta / sqrt(N), second layer eta / N) gives, as N -> infinity (Saad & Solla 1995; Riegler &
+Biehl 1995; Goldt et al. 2019):
 
     dR_in/da = -eta v_i <g'(lambda_i) nu_n Delta>
     dQ_ik/da = -eta v_i <g'(lambda_i) lambda_k Delta> - eta v_k <g'(lambda_k) lambda_i Delta>
-               + eta^2 v_i v_k (<g'(lambda_i) g'(lambda_k) Delta^2> + sigma^2 <g'(lambda_i) g'(lambda_k)>)
+               + eta^2 v_i v_k (<g'(lambda_i) g'(lambda_k) Delta^2>
+                                + sigma^2 <g'(lambda_i) g'(lambda_k)>)
     dv_i/da  = -eta <g(lambda_i) Delta>        (0 in `soft_committee` mode)
 
 and every average is a sum over u of four Gaussian integrals with closed forms (`i2`, `i3`,
-`i4`, `j2`; the I4 sum is a compiled loop, `delta_sq_average`):  <g(lambda_i) Delta> = sum_c u_c I2(i, c),  <g'(lambda_i) f_b Delta> =
-sum_c u_c I3(i, b, c),  <g'(lambda_i) g'(lambda_k) Delta^2> = sum_cd u_c u_d I4(i, k, c, d).
+`i4`, `j2`; the I4 sum is a compiled loop, `delta_sq_average`):
+
+    <g(lambda_i) Delta>                  = sum_c u_c I2(i, c),
+    <g'(lambda_i) f_b Delta>             = sum_c u_c I3(i, b, c),
+    <g'(lambda_i) g'(lambda_k) Delta^2>  = sum_cd u_c u_d I4(i, k, c, d).
 
 Integrator: scipy's adaptive Dormand-Prince 5(4) embedded Runge-Kutta pair (`RK45`). The
 pair's embedded fourth-order solution estimates the local error of every step; a step is
@@ -96,7 +102,7 @@ def delta_sq_average(c, u, k):
     n_fields = c.shape[0]
     out = np.empty((k, k))
     for i in range(k):
-        for l in range(i, k):
+        for l in range(i, k):  # noqa: E741  (l as in the docstring's I4(i, l, c, d))
             total = 0.0
             for a in range(n_fields):
                 for b in range(a, n_fields):
@@ -207,7 +213,7 @@ def integrate(q0, r0, t, v0, v_star, lr, alphas, noise_std=0.0, train_v=True, rt
         ys, evaluations = sol.y.T, sol.nfev
     else:
         ys, evaluations = np.repeat(y0[None], alphas.size, axis=0), 0
-    q, r, v = (np.stack(parts) for parts in zip(*(unpack(y) for y in ys)))
+    q, r, v = (np.stack(parts) for parts in zip(*(unpack(y) for y in ys), strict=True))
     return Trajectory(alphas, q, r, v, t, v_star, float(noise_std), evaluations,
                       time.perf_counter() - start)
 

@@ -72,13 +72,15 @@ def block_order(r, threshold=0.7):
     if weak.size:
         raise NotSpecialised(
             f"the student has not specialised: student node(s) {weak.tolist()} overlap no "
-            f"teacher node by |R| >= {threshold} (largest |R| {r.max(axis=1)[weak].round(2).tolist()}); "
+            f"teacher node by |R| >= {threshold} "
+            f"(largest |R| {r.max(axis=1)[weak].round(2).tolist()}); "
             "train longer or with the paper's hyper-parameters")
     counts = np.bincount(assign, minlength=r.shape[1])
     if (counts == 0).any():
         raise NotSpecialised(
-            f"the student has not specialised: teacher node(s) {np.flatnonzero(counts == 0).tolist()} "
-            "have no student node aligned to them; train longer or with the paper's hyper-parameters")
+            f"the student has not specialised: teacher node(s) "
+            f"{np.flatnonzero(counts == 0).tolist()} have no student node aligned to them; "
+            "train longer or with the paper's hyper-parameters")
     order = np.argsort(assign, kind="stable")
     note = None
     if len(set(counts.tolist())) > 1:
