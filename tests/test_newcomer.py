@@ -275,9 +275,8 @@ class Smoke:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, argv):
-        self.calls.append(argv)
-        out = argv[argv.index("--out") + 1]
+    def __call__(self, study_, out):
+        self.calls.append((study_.name, out))
         os.makedirs(out)
         results(2, 2, lambda s, r: 1.0).to_csv(os.path.join(out, "results.csv"), index=False)
         from dpp_pruning.experiments import study
@@ -285,15 +284,14 @@ class Smoke:
 
 
 def test_notebook_without_results_runs_only_the_smoke_preset_and_says_so(tmp_path, monkeypatch):
-    import reproduce
-    from dpp_pruning.experiments import figures
+    from dpp_pruning.experiments import figures, runner
     monkeypatch.delenv("REPRO_OUT", raising=False)
     monkeypatch.delenv("REPRO_PRESET", raising=False)
     monkeypatch.setattr(figures, "ROOT", str(tmp_path))
     smoke = Smoke()
-    monkeypatch.setattr(reproduce, "main", smoke)
+    monkeypatch.setattr(runner, "run", smoke)
     run = figures.load_run()
-    assert smoke.calls == [["--preset", "smoke", "--out", str(tmp_path / "runs" / "smoke")]]
+    assert smoke.calls == [("smoke", str(tmp_path / "runs" / "smoke"))]
     text = run.describe()
     assert f"folder {tmp_path / 'runs' / 'smoke'}" in text
     assert "smoke preset" in text and f"--preset paper --out {tmp_path / 'runs' / 'paper'}" in text
@@ -303,25 +301,25 @@ def test_notebook_without_results_runs_only_the_smoke_preset_and_says_so(tmp_pat
 
 @pytest.mark.parametrize("env", [{"REPRO_PRESET": "paper"}, {"REPRO_OUT": "elsewhere"}])
 def test_notebook_pointed_at_a_missing_run_stops_with_the_command(tmp_path, monkeypatch, env):
-    import reproduce
-    from dpp_pruning.experiments import figures
+    from dpp_pruning.experiments import figures, runner
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("REPRO_OUT", raising=False)
     monkeypatch.delenv("REPRO_PRESET", raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(figures, "ROOT", str(tmp_path))
-    monkeypatch.setattr(reproduce, "main", Smoke())
+    monkeypatch.setattr(runner, "run", Smoke())
     with pytest.raises(figures.NoResults, match=r"holds no results.csv: run `python3 .*"
                                                  r"reproduce.py --preset paper --out /"):
         figures.load_run()
-    assert reproduce.main.calls == []
+    assert runner.run.calls == []
 
 
 def test_figure_one_has_two_panels_a_row_and_its_legend_outside_them(tmp_path):
     from dpp_pruning.experiments import figures
     out = tmp_path / "run"
-    Smoke()(["--out", str(out)])
+    from dpp_pruning.experiments import study
+    Smoke()(study.preset("smoke"), str(out))
     run = figures.Run(str(out))
     fig = figures.figure_loss_vs_budget(run)
     fig.canvas.draw()

@@ -21,10 +21,9 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
-import reproduce
 from dpp_pruning import ROOT
 from dpp_pruning.experiments import claims as claims_module
-from dpp_pruning.experiments import study, sweep
+from dpp_pruning.experiments import runner, study, sweep
 from dpp_pruning.experiments.plots import band, method_offsets, method_style, percent_axis
 from dpp_pruning.theory.expectations import expected_random_edge_loss
 from dpp_pruning.theory.order_params import NotSpecialised, block_order
@@ -84,7 +83,7 @@ def load_run(out=None, preset=None):
             return Run(out, note)
     else:
         note = "the smoke preset was run here first (seconds)"
-    reproduce.main(["--preset", preset, "--out", out])
+    runner.run(study.preset(preset), out)
     return Run(out, note)
 
 
