@@ -57,19 +57,22 @@ def _table(header, rows):
 
 
 def verdict_tables(claim_rows, record, students, date):
-    """{file name: text}: one grid per (K, M), claims by (σ, nodes), rows rescaled first
-    (rescale = 1), each cell the verdict and the relative difference of the means."""
+    """{file name: text}: one grid per (K, M, rescaling), claims by (σ, nodes), each cell the
+    verdict and the relative difference of the means. Rows rescaled before pruning (the
+    original's setting) give claims_K<K>_M<M>.md; rows pruned as trained add _rescale0."""
     out = {}
-    rows = [r for r in claim_rows if r["rescale"] == "1"]
-    for size in sorted({(int(r["student_h_size"]), int(r["teacher_h_size"])) for r in rows}):
-        part = [r for r in rows
-                if (int(r["student_h_size"]), int(r["teacher_h_size"])) == size]
+    for setting in sorted({(int(r["student_h_size"]), int(r["teacher_h_size"]),
+                            -int(r["rescale"])) for r in claim_rows}):
+        size, teacher, rescale = setting[0], setting[1], -setting[2]
+        part = [r for r in claim_rows if (int(r["student_h_size"]), int(r["teacher_h_size"]),
+                                          -int(r["rescale"])) == setting]
         columns = sorted({(float(r["noise"]), int(r["nodes_equivalent"])) for r in part})
         cells = collections.defaultdict(dict)
         for r in part:
             cells[r["claim"]][(float(r["noise"]), int(r["nodes_equivalent"]))] = (
                 f"{claims.label(r['verdict'])} {claims.percent(r['relative'])}")
-        text = heading(f"Claims at K = {size[0]}, teacher of M = {size[1]} nodes", record,
+        rows = "" if rescale else ", rows pruned as trained (rescale 0)"
+        text = heading(f"Claims at K = {size}, teacher of M = {teacher} nodes{rows}", record,
                        students, date)
         text += ["Each cell: the verdict on 'A below B' and the relative difference (A − B) / B "
                  "of the means across students; columns are σ and the hidden nodes kept (or "
@@ -77,7 +80,8 @@ def verdict_tables(claim_rows, record, students, date):
         text += _table(["claim (A below B)"] + [f"σ={n:g}, {k}" for n, k in columns],
                        [[claim] + [cells[claim].get(c, "") for c in columns]
                         for claim in cells])
-        out[f"claims_K{size[0]}_M{size[1]}.md"] = "\n".join(text) + "\n"
+        suffix = "" if rescale else "_rescale0"
+        out[f"claims_K{size}_M{teacher}{suffix}.md"] = "\n".join(text) + "\n"
     return out
 
 
