@@ -17,7 +17,8 @@ FIXTURE = os.path.join(ROOT, "tests", "fixtures", "smoke_run")
 
 @pytest.mark.parametrize("run, bench, docs", [
     ("tests/fixtures/smoke_run", "benchmarks/results.md", "docs/results"),
-    ("docs/runs/student_width", None, "docs/student_width")])
+    ("docs/runs/student_width", None, "docs/student_width"),
+    ("docs/runs/paper", None, "docs/paper")])
 def test_committed_tables_are_what_the_command_writes(tmp_path, run, bench, docs):
     regenerate = (f"python3 docs_tables.py {run}" + (f" --bench {bench}" if bench else "")
                   + f" --out {docs}")
