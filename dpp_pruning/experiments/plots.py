@@ -106,12 +106,16 @@ def save_figure(fig, path):
 
 def save_beside(fig, run_or_folder, name):
     """Write a notebook's figure as <folder>/figures/<name>.png, beside the run it was drawn
-    from, and return that path. `run_or_folder` is the folder, or an object holding it in
-    `.out` (figures.Run). The figure stays open, so the notebook still shows it."""
+    from, and return that path: relative to the working directory (a notebook's folder) when
+    it lies below the folder above it, so that stored outputs do not name the machine's
+    folders. `run_or_folder` is the folder, or an object holding it in `.out` (figures.Run).
+    The figure stays open, so the notebook still shows it."""
     folder = os.fspath(getattr(run_or_folder, "out", run_or_folder))
     path = os.path.join(folder, "figures", f"{name}.png")
     _write_png(fig, path)
-    return path
+    parent = os.path.dirname(os.getcwd())
+    inside = os.path.commonpath([os.path.abspath(path), parent]) == parent
+    return os.path.relpath(path) if inside else os.path.abspath(path)
 
 
 def save_heatmaps(path, panels, suptitle=None):
