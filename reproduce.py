@@ -13,6 +13,7 @@ where it stopped, and a later run that adds students or settings adds only their
 """
 import collections
 import os
+import re
 import time
 from dataclasses import replace
 
@@ -22,6 +23,8 @@ from dpp_pruning.experiments import study as studies
 
 # sweep (and with it torch) is imported once the flags are checked: --help answers at once.
 RESCALE_CHOICES = {"1": (1,), "0": (0,), "both": (1, 0)}
+# [scheme://]host:port, the host a name, an IPv4 address or a bracketed IPv6 address
+SCHEDULER_ADDRESS = re.compile(r"^([a-z][a-z0-9+.-]*://)?([^\s:/\[\]]+|\[[0-9a-fA-F:.]+\]):\d+$")
 
 
 def parse_args(argv=None):
@@ -85,6 +88,9 @@ def configure(args):
     if unknown:
         raise cli.UserError(f"--methods has unknown method(s) {', '.join(unknown)}; choose from "
                             + ", ".join(PRUNING_CHOICES))
+    if args.scheduler is not None and not SCHEDULER_ADDRESS.match(args.scheduler):
+        raise cli.UserError(f"--scheduler must be a Dask scheduler's address such as "
+                            f"tcp://HOST:8786, got {args.scheduler!r}")
     if args.scheduler is not None and args.jobs != 1:
         raise cli.UserError("--jobs and --scheduler exclude each other: the scheduler's "
                             "workers are the parallel processes")

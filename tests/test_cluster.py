@@ -87,3 +87,15 @@ def test_an_unreachable_scheduler_is_one_line_and_status_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"no Dask scheduler answered at {address}" in err[0]
     assert not out.exists()
+
+
+def test_a_malformed_scheduler_address_is_one_line_before_any_connection(tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        cli.run(reproduce.main, ["--preset", "smoke", "--out", str(out), "--scheduler", "nonsense"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith(
+        "error: --scheduler must be a Dask scheduler's address such as tcp://HOST:8786, got "
+        "'nonsense'")
+    assert not out.exists()
