@@ -125,7 +125,8 @@ def main(argv=None):
     try:
         _, rows = runner.run(study, out, methods, args.jobs, bool(args.keep_data),
                              args.scheduler)
-    except (sweep.RunFolderError, studies.StudyError, executors.SchedulerUnreachable) as e:
+    except (sweep.RunFolderError, studies.StudyError, executors.SchedulerUnreachable,
+            runner.UnitFailed) as e:
         raise cli.UserError(str(e)) from None
     counts = collections.Counter(r["verdict"].split(" at ")[0] for r in rows)
     cli.log.info(f"results written to {os.path.join(out, 'results.csv')}; claims on "

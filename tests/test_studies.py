@@ -251,3 +251,18 @@ def _write(tmp_path, text):
     path = tmp_path / "study.toml"
     path.write_text(text)
     return str(path)
+
+
+def test_a_budget_beyond_the_kernels_rank_is_one_line(tmp_path, capsys):
+    """P = 30 < N = 50: the dpp_edge kernels have rank 30, and 5 of 6 nodes' worth of edges is
+    42 per node; the run stops in one sentence naming the unit, whatever runs the units."""
+    path = _write(tmp_path, GOOD.replace("num_data = 4000", "num_data = 30")
+                  .replace("input_dim = 20", "input_dim = 50")
+                  .replace('methods = ["random_node", "importance_edge"]', 'methods = ["dpp_edge"]')
+                  .replace("nodes_kept = [2]", "nodes_kept = [5]"))
+    with pytest.raises(SystemExit) as e:
+        cli.run(reproduce.main, ["--study", path, "--out", str(tmp_path / "run")])
+    assert e.value.code == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines()
+           if not line.startswith("study grid:")]                      # the progress lines
+    assert len(err) == 1 and "k = 42 exceeds the kernel's rank 30" in err[0], err

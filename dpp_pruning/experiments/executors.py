@@ -54,7 +54,10 @@ class Serial:
 
     def next_done(self, pending):
         future, fn, args = self._queue.popleft()
-        future.set_result(one_thread(fn, *args))
+        try:
+            future.set_result(one_thread(fn, *args))
+        except Exception as e:        # raised by future.result(), as from a process pool
+            future.set_exception(e)
         return [future]
 
     def __enter__(self):

@@ -7,6 +7,11 @@ import time
 
 from dpp_pruning.base import cli
 from dpp_pruning.experiments import study as studies
+from dpp_sample_ts import KDPPError
+
+
+class UnitFailed(ValueError):
+    """A work unit that the study's settings make impossible; one line."""
 
 
 def run(study, out, methods=None, jobs=1, keep_data=True, scheduler=None):
@@ -70,7 +75,13 @@ def _run(study, recorded, out, methods, pool, keep_data):
         while pending:
             for future in pool.next_done(pending):
                 unit = pending.pop(future)
-                result = future.result()
+                try:
+                    result = future.result()
+                except KDPPError as e:
+                    name = unit.name if hasattr(unit, "name") else unit.folder
+                    raise UnitFailed(f"{out}: unit {name} cannot run: {e} Choose budgets "
+                                     "within the kernel's rank (more data, or fewer nodes "
+                                     "kept)") from None
                 bar.update()
                 if isinstance(unit, sweep.Dataset):
                     for line in result:
