@@ -129,11 +129,11 @@ class _Checker:
         return found
 
 
-# section -> key -> (Study field, check(checker, key, value) -> value); panels apart
 def _flag(c, key, value):
     return c.integer(key, value, 0, 1)
 
 
+# section -> key -> (Study field, check(checker, key, value) -> value); [[panels]] apart
 SCHEMA = {
     "study": {"name": ("name", lambda c, k, v: c.text(k, v)),
               "description": ("description", lambda c, k, v: c.text(k, v))},
