@@ -155,6 +155,44 @@ class FolderInUse(FileProblem):
     """Another process holds the folder's lock."""
 
 
+def _acquire_lock_file(path, blocking):
+    """An open descriptor of `path` (made if missing) holding an exclusive flock on it. A
+    process that waited on a file which its holder then removed finds that the path no longer
+    names the file it locked, and locks anew. BlockingIOError if not `blocking` and held."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            raise
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
+def _release_lock_file(path, fd):
+    with contextlib.suppress(OSError):
+        os.unlink(path)                       # while still held: no one can lock the old file
+    os.close(fd)
+
+
+@contextlib.contextmanager
+def lock_file(path):
+    """Hold an exclusive lock on the file `path` for the block, waiting for it if another
+    process holds it, and remove the file when the block ends, normally or not."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd = _acquire_lock_file(path, blocking=True)
+    try:
+        yield
+    finally:
+        _release_lock_file(path, fd)
+
+
 @contextlib.contextmanager
 def folder_lock(folder, what="run"):
     """Hold `folder`/.lock (an exclusive flock) for the block, or raise FolderInUse naming
@@ -163,31 +201,20 @@ def folder_lock(folder, what="run"):
     SIGKILL never leaves the folder locked."""
     path = os.path.join(folder, ".lock")
     os.makedirs(folder, exist_ok=True)
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            with contextlib.suppress(OSError):
-                holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
-            os.close(fd)
-            raise FolderInUse(f"{folder} is in use by another {what} ({holder or 'a process'}); "
-                              "wait for it to finish or use another --out") from None
-        try:                                  # the file may have been removed and made anew
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)
+    try:
+        fd = _acquire_lock_file(path, blocking=False)
+    except BlockingIOError:
+        holder = ""
+        with contextlib.suppress(OSError), open(path) as f:
+            holder = f.read(200).strip()
+        raise FolderInUse(f"{folder} is in use by another {what} ({holder or 'a process'}); "
+                          "wait for it to finish or use another --out") from None
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         yield
     finally:
-        with contextlib.suppress(OSError):
-            os.unlink(path)                   # while still held: no one can lock the old file
-        os.close(fd)
+        _release_lock_file(path, fd)
 
 
 def _fsync_folder(folder):

@@ -5,16 +5,14 @@ Results are rows of a CSV (RESULT_FIELDS); writes replace the whole file atomica
 advisory lock, so a killed run leaves the old or the new file and concurrent runs do not lose
 each other's rows. A sweep skips the rows already there, so an interrupted one resumes.
 """
-import contextlib
 import csv
-import fcntl
 import logging
 import os
 import time
 from dataclasses import dataclass
 
 from dpp_pruning.base.cli import UserError
-from dpp_pruning.base.storage import atomic_open
+from dpp_pruning.base.storage import atomic_open, lock_file
 from dpp_pruning.real_data.first_layer_pruning import (
     DPP_METHODS,
     METHODS,
@@ -71,37 +69,12 @@ def lock_path(path):
     return os.path.join(folder, "." + name + ".lock")
 
 
-@contextlib.contextmanager
-def _locked(path):
-    """Hold an exclusive lock on `path`'s lock file, and remove that file when the block ends,
-    normally or by an exception. A process that waited on a lock file which its holder then
-    removed finds that the path no longer names the file it locked, and locks anew."""
-    name = lock_path(path)
-    os.makedirs(os.path.dirname(name), exist_ok=True)
-    while True:
-        # held (and locked) past the loop until the block ends; closed below or in finally
-        lock = open(name, "a")  # noqa: SIM115
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            current = os.stat(name)
-        except FileNotFoundError:
-            current = None
-        if current is not None and os.path.samestat(current, os.fstat(lock.fileno())):
-            break
-        lock.close()
-    try:
-        yield
-    finally:
-        os.remove(name)
-        lock.close()
-
-
 def merge_results(path, rows, replace=True):
     """Add `rows` to the CSV at `path`, rewriting it atomically under a lock. A row whose key
     (KEY_FIELDS) is already there replaces it (replace=True) or is dropped (replace=False).
     Returns the number of rows written."""
     rows = [{f: _fmt(row[f]) for f in RESULT_FIELDS} for row in rows]
-    with _locked(path):
+    with lock_file(lock_path(path)):
         existing = read_results(path)
         index = {row_key(r): i for i, r in enumerate(existing)}
         added = 0
