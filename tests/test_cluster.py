@@ -29,10 +29,6 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _env():
-    return dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-
-
 @pytest.fixture
 def cluster(tmp_path):
     with executors.LocalDaskCluster(2, str(tmp_path), root=ROOT) as c:
@@ -61,7 +57,8 @@ def test_a_worker_killed_mid_run_loses_nothing(cluster, tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, os.path.join(ROOT, "reproduce.py"), "--preset", "smoke",
                "--students", "2", "--out", str(out), "--scheduler", cluster.address]
-    client = subprocess.Popen(command, cwd=str(tmp_path), env=_env(), stdout=subprocess.PIPE,
+    client = subprocess.Popen(command, cwd=str(tmp_path), env=executors.project_env(ROOT),
+                              stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     cells = list(out.glob("student_*/cells/*.npz"))
     deadline = time.monotonic() + 300

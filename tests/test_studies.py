@@ -165,13 +165,29 @@ def _legacy(*parts):
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
+def unit_seeds(study):
+    """Every seed a run draws from, by its key; the keys of one student's noise levels that
+    share a teacher or an initialisation on purpose appear once."""
+    seeds = {}
+    for d in sweep.datasets(study):
+        shared = sweep.Dataset(d.student, 0.0, d.teacher_h_size)   # the key leaves σ out
+        seeds[("teacher", shared, None)] = sweep.teacher_seed(study, d)
+        for panel in sweep.panels_of(study, d):
+            seeds[("init", shared, panel.student_h_size)] = sweep.init_seed(
+                study, d, panel.student_h_size)
+    for cell in sweep.grid(study):
+        for rnd in range(study.rounds):
+            seeds[("mask", cell, rnd)] = sweep.mask_seed(study, cell, rnd)
+    return seeds
+
+
 def test_seeds_are_unique_over_a_large_study_and_keep_the_presets_seeds():
     big = replace(study.preset("smoke"), noise_levels=(0.0, 0.25, 0.28, 0.29),
                   teacher_h_sizes=(2, 3, 4), students=8, rescale=(1, 0), rounds=3,
                   panels=(study.Panel(4, sweep.ALL_METHODS, (1, 2, 3)),
                           study.Panel(6, sweep.ALL_METHODS, (1, 3, 5)),
                           study.Panel(20, ("dpp_node", "random_edge"), (1, 3, 5))))
-    seeds = sweep.unit_seeds(big)
+    seeds = unit_seeds(big)
     assert len(seeds) > 20000
     assert len(set(seeds.values())) == len(seeds)
     # the collisions of the older scheme are gone

@@ -142,6 +142,11 @@ def executor(jobs=1, scheduler=None):
     return Serial() if jobs == 1 else LocalPool(jobs)
 
 
+def project_env(root=ROOT):
+    """This process's environment with the project at `root` importable (a worker's)."""
+    return dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
 class LocalDaskCluster:
     """A Dask scheduler and `workers` worker processes on 127.0.0.1, started from the `dask`
     command line as on a real cluster (one thread each, no nanny, so a killed worker stays
@@ -152,8 +157,7 @@ class LocalDaskCluster:
         if dask is None:
             raise FileNotFoundError("the dask command line is not installed (requirements.txt)")
         root = root or ROOT
-        self._env = dict(os.environ,
-                         PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self._env = project_env(root)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]

@@ -312,22 +312,6 @@ def mask_seed(study, cell, rnd):
         teacher_size(study, cell.dataset))
 
 
-def unit_seeds(study, methods=None):
-    """Every seed a run draws from, by its key: {(kind, unit, round): seed}; the keys of one
-    student's noise levels that share a teacher or an initialisation on purpose appear once."""
-    seeds = {}
-    for d in datasets(study):
-        shared = Dataset(d.student, 0.0, d.teacher_h_size)       # the key leaves σ out
-        seeds[("teacher", shared, None)] = teacher_seed(study, d)
-        for panel in panels_of(study, d):
-            seeds[("init", shared, panel.student_h_size)] = init_seed(study, d,
-                                                                       panel.student_h_size)
-    for cell in grid(study, methods):
-        for rnd in range(study.rounds):
-            seeds[("mask", cell, rnd)] = mask_seed(study, cell, rnd)
-    return seeds
-
-
 def cell_from_meta(meta):
     return Cell(**json.loads(str(meta)))
 
