@@ -24,16 +24,9 @@ import scipy.stats
 from dpp_pruning import ROOT
 from dpp_pruning.experiments import claims as claims_module
 from dpp_pruning.experiments import runner, study, sweep
-from dpp_pruning.experiments.plots import band, method_offsets, method_style, percent_axis
+from dpp_pruning.experiments.plots import band, method_offsets, method_style, percent_axis, shown
 from dpp_pruning.theory.expectations import expected_random_edge_loss
 from dpp_pruning.theory.order_params import NotSpecialised, block_order
-
-
-def shown(path):
-    """A path as the notebooks print it: relative to the repository when inside it, so that
-    stored outputs do not depend on where the repository lies."""
-    inside = os.path.commonpath([os.path.abspath(path), ROOT]) == ROOT
-    return os.path.relpath(path, ROOT) if inside else os.path.abspath(path)
 
 
 class NoResults(Exception):
@@ -58,7 +51,7 @@ class Run:
         return (f"study '{self.preset_name}': N = {p.input_dim}, P = {p.num_data}, "
                 f"{students(self.df)} student(s), "
                 f"{p.rounds} rounds x {p.num_masks} masks per cell, seed {p.seed}, "
-                f"folder {shown(self.out)}" + (f"\n{self.note}" if self.note else ""))
+                f"folder {shown(self.out, ROOT)}" + (f"\n{self.note}" if self.note else ""))
 
     def cell(self, noise, student_h_size, method, k):
         return np.load(sweep.cell_path(self.out, sweep.Cell(float(noise), student_h_size,

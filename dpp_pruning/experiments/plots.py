@@ -8,6 +8,7 @@ if "inline" not in matplotlib.get_backend():     # a notebook keeps its inline f
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
+from dpp_pruning import ROOT  # noqa: E402
 from dpp_pruning.base.storage import atomic_open  # noqa: E402
 
 # One colour and one marker per pruning method, for every figure of the suite (teacher-student
@@ -104,18 +105,23 @@ def save_figure(fig, path):
     plt.close(fig)
 
 
+def shown(path, root=ROOT):
+    """A path as the notebooks print it: relative to the repository when inside it, so that
+    stored outputs do not depend on where the repository lies."""
+    inside = os.path.commonpath([os.path.abspath(path), os.path.abspath(root)]) == \
+        os.path.abspath(root)
+    return os.path.relpath(path, root) if inside else os.path.abspath(path)
+
+
 def save_beside(fig, run_or_folder, name):
     """Write a notebook's figure as <folder>/figures/<name>.png, beside the run it was drawn
-    from, and return that path: relative to the working directory (a notebook's folder) when
-    it lies below the folder above it, so that stored outputs do not name the machine's
-    folders. `run_or_folder` is the folder, or an object holding it in `.out` (figures.Run).
+    from, and return that path as `shown` prints it. `run_or_folder` is the folder, or an
+    object holding it in `.out` (figures.Run).
     The figure stays open, so the notebook still shows it."""
     folder = os.fspath(getattr(run_or_folder, "out", run_or_folder))
     path = os.path.join(folder, "figures", f"{name}.png")
     _write_png(fig, path)
-    parent = os.path.dirname(os.getcwd())
-    inside = os.path.commonpath([os.path.abspath(path), parent]) == parent
-    return os.path.relpath(path) if inside else os.path.abspath(path)
+    return shown(path)
 
 
 def save_heatmaps(path, panels, suptitle=None):
