@@ -91,9 +91,9 @@ def main(argv=None):
     import numpy as np
 
     import teacher_student
-    from dpp_pruning.base import workflow
     from dpp_pruning.base.progress import Bar
     from dpp_pruning.experiments import plots
+    from dpp_pruning.pipeline import workflow
     from dpp_pruning.theory.order_params import NotSpecialised, block_order, order_parameters
     from dpp_sample_ts import PRUNERS
     teacher, student, masks = load_inputs(args)

@@ -139,7 +139,7 @@ def validate(args):
 
 def output_path(args):
     """The file this procedure writes (None for testing)."""
-    from dpp_pruning.base import workflow
+    from dpp_pruning.pipeline import workflow
     if args.procedure == "training":
         return os.path.join(args.output_dir, workflow.student_filename(args.student_h_size))
     if args.procedure == "pruning":
@@ -148,18 +148,18 @@ def output_path(args):
 
 
 def curve_path(args):
-    from dpp_pruning.base import workflow
+    from dpp_pruning.pipeline import workflow
     return os.path.join(args.output_dir, workflow.curve_filename(args.student_h_size))
 
 
 def masks_path(args):
-    from dpp_pruning.base import workflow
+    from dpp_pruning.pipeline import workflow
     return os.path.join(args.output_dir, workflow.masks_filename(
         args.pruning_choice, args.student_h_size, args.k))
 
 
 def kernel_path(args):
-    from dpp_pruning.base import workflow
+    from dpp_pruning.pipeline import workflow
     return args.kernel_path or os.path.join(args.output_dir,
                                             workflow.kernels_filename(args.student_h_size))
 
@@ -265,9 +265,9 @@ def load_student(args):
 def run_training(args, teacher):
     import torch
 
-    from dpp_pruning.base import workflow
     from dpp_pruning.base.progress import Bar
     from dpp_pruning.base.storage import save_state_dict
+    from dpp_pruning.pipeline import workflow
     from dpp_pruning.theory.order_param_odes import IntegrationError
     out = output_path(args)
     start = time.time()
@@ -313,8 +313,8 @@ def dpp_edge_kernels(args, teacher, student):
     --load_from_pkl 1, otherwise built and saved there for the next run."""
     import numpy as np
 
-    from dpp_pruning.base import workflow
     from dpp_pruning.base.storage import load_pickle, save_pickle
+    from dpp_pruning.pipeline import workflow
     path = kernel_path(args)
     unpruned = workflow.rescaled(student) if args.rescale else student
     wid = workflow.weights_id(unpruned.w1.weight.detach().double().numpy())
@@ -340,9 +340,9 @@ def dpp_edge_kernels(args, teacher, student):
 
 
 def run_pruning(args, teacher):
-    from dpp_pruning.base import workflow
     from dpp_pruning.base.progress import Bar
     from dpp_pruning.base.storage import save_pickle
+    from dpp_pruning.pipeline import workflow
     from dpp_sample_ts import KDPPError
     student = load_student(args)
     out = output_path(args)
@@ -368,8 +368,8 @@ def run_pruning(args, teacher):
 
 
 def run_testing(args, teacher):
-    from dpp_pruning.base import workflow
     from dpp_pruning.base.progress import Bar
+    from dpp_pruning.pipeline import workflow
     student, masks = load_masks(masks_path(args), args, teacher)
     rw = bool(args.reweighting)
     with Bar(2, f"testing {len(masks)} masks, then their expected loss", unit="stage") as bar:
@@ -397,7 +397,7 @@ def run_testing(args, teacher):
 def expectation_line(teacher, student, masks, reweighting, hgram=None):
     """One line: the expected test loss over the mask distribution of this pruning run
     beside what its masks gave (the measured mean has test-set and mask-sampling noise)."""
-    from dpp_pruning.base import workflow
+    from dpp_pruning.pipeline import workflow
     from dpp_sample_ts import KDPPError
     try:
         found = workflow.expected_test_loss(teacher, student, masks.choice, masks.k,

@@ -111,7 +111,7 @@ def step_ref_train(cfg, work):
 def step_ref_prune_node(cfg, work):
     import numpy as np
 
-    from dpp_pruning.base import workflow
+    from dpp_pruning.pipeline import workflow
     from dpp_sample_ts import node_kernel
     from reference import reference_kdpp_draws, reference_node_kernel
     import_dppy()
@@ -138,7 +138,7 @@ def _per_sample_test(cfg, work, choice, k):
     import numpy as np
     import torch
 
-    from dpp_pruning.base import workflow
+    from dpp_pruning.pipeline import workflow
     from reference import reference_test_masks
     ref = load_ref_data(work)
     unpruned, masks = load_masks(work, choice, k)
@@ -171,7 +171,7 @@ def step_ref_test_node(cfg, work):
 def _ref_prune_edge(cfg, work, k):
     import numpy as np
 
-    from dpp_pruning.base import workflow
+    from dpp_pruning.pipeline import workflow
     from dpp_sample_ts import KDPP, edge_kernel, exact_inclusion_probabilities
     from reference import reference_edge_kernels, reference_kdpp_draws
     import_dppy()
@@ -233,7 +233,7 @@ def step_ref_random_edge_rw(cfg, work):
     import numpy as np
     import torch
 
-    from dpp_pruning.base import workflow
+    from dpp_pruning.pipeline import workflow
     from dpp_sample_ts import reweight_edges, reweight_nodes
     from reference import (
         reference_hidden_activations,

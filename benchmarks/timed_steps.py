@@ -165,8 +165,8 @@ def step_pickle_io(cfg, work):
 
 @step("train")
 def step_train(cfg, work):
-    from dpp_pruning.base import workflow
     from dpp_pruning.base.storage import save_state_dict
+    from dpp_pruning.pipeline import workflow
     teacher = load_teacher(work)
     student, seconds = timed(workflow.train, teacher, cfg["student_h_size"], "sigmoid",
                              "normal", cfg["lr"], 1, 0.0, cfg["seed"])
@@ -179,8 +179,8 @@ def step_train(cfg, work):
 
 @step("prune_dpp_node")
 def step_prune_node(cfg, work):
-    from dpp_pruning.base import workflow
     from dpp_pruning.base.storage import save_pickle
+    from dpp_pruning.pipeline import workflow
     teacher, student = load_teacher(work), load_student(work)
     (unpruned, masks), seconds = timed(workflow.prune, teacher, student, "dpp_node",
                                        cfg["k_node"], cfg["num_masks"], cfg["seed"])
@@ -190,8 +190,8 @@ def step_prune_node(cfg, work):
 
 
 def _prune_edge(cfg, work, choice, k):
-    from dpp_pruning.base import workflow
     from dpp_pruning.base.storage import save_pickle
+    from dpp_pruning.pipeline import workflow
     teacher, student = load_teacher(work), load_student(work)
     parts, kernels = {}, None
     if choice == "dpp_edge":
@@ -208,7 +208,7 @@ def _prune_edge(cfg, work, choice, k):
 def _test(cfg, work, choice, k, reweighting):
     import numpy as np
 
-    from dpp_pruning.base import workflow
+    from dpp_pruning.pipeline import workflow
     teacher = load_teacher(work)
     unpruned, masks = load_masks(work, choice, k)
     result, seconds = timed(workflow.test_masks, teacher, unpruned, masks, choice,

@@ -11,8 +11,8 @@ import mpmath
 import numpy as np
 import pytest
 
-from dpp_pruning.base import workflow
 from dpp_pruning.base.data import generate_teacher
+from dpp_pruning.pipeline import workflow
 from dpp_pruning.theory import expectations
 from dpp_pruning.theory.mask_marginals import BernoulliMarginals, KDPPMarginals, kdpp_eigen_ratios
 from dpp_pruning.theory.order_params import gaussian_moment, generalisation_error, order_parameters

@@ -414,7 +414,7 @@ def test_abbreviated_flags_are_refused_by_the_other_scripts(root, tmp_path, scri
 def test_testing_reports_the_loss_as_trained_beside_the_rescaled_one(good, tmp_path, rescale):
     """The unpruned student of --rescale 1 has rescaled rows; testing keeps its line and adds
     the student's loss as trained (the loss training printed)."""
-    from dpp_pruning.base.workflow import rescaled, test_loss
+    from dpp_pruning.pipeline.workflow import rescaled, test_loss
     from models import student_from_weights
     d = fresh_copy(good, tmp_path)
     assert call(TS, prune_args(d, "random_node", 1, "--rescale", rescale))[0] == 0

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from dpp_pruning.base import workflow
 from dpp_pruning.base.data import generate_teacher
+from dpp_pruning.pipeline import workflow
 from dpp_pruning.theory import order_param_odes as ode
 from dpp_pruning.theory.order_params import generalisation_error
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 from scipy import stats
 
-from dpp_pruning.base import workflow
 from dpp_pruning.base.data import generate_teacher
+from dpp_pruning.pipeline import workflow
 from dpp_pruning.theory.order_params import order_parameters
 from dpp_sample_ts import (
     KDPP,

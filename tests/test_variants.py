@@ -6,9 +6,9 @@ import re
 import numpy as np
 import pytest
 
-from dpp_pruning.base import workflow
 from dpp_pruning.base.data import generate_teacher
 from dpp_pruning.base.storage import load_pickle, load_state_dict
+from dpp_pruning.pipeline import workflow
 from dpp_sample_ts import importance_node_keep
 from entry_points import call
 from models import student_from_weights

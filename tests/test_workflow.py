@@ -8,9 +8,9 @@ import pytest
 
 import evaluate
 import teacher_student
-from dpp_pruning.base import workflow
 from dpp_pruning.base.data import generate_teacher
 from dpp_pruning.base.storage import load_pickle
+from dpp_pruning.pipeline import workflow
 from dpp_pruning.theory.order_params import (
     NotSpecialised,
     block_order,

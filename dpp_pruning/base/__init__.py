@@ -1,2 +1,3 @@
-"""Foundations: flag names (choices), one-line errors (cli), progress, safe files (storage),
-the teacher and its data (data), online SGD (training) and the workflow steps (workflow)."""
+"""Foundations, importing nothing else of the package: flag names (choices), one-line errors
+(cli), progress, safe files (storage), the teacher and its data (data) and online SGD
+(training)."""

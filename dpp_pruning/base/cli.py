@@ -242,8 +242,8 @@ def check_teacher(teacher, path, input_dim=None, flag="--input_dim"):
 
 def check_same_teacher(masks, teacher, path, teacher_path, again):
     """Raise UserError unless the masks were drawn for this teacher data set."""
-    from dpp_pruning.base import workflow
-    if masks.teacher_id != workflow.teacher_id(teacher):
+    from dpp_pruning.base.data import teacher_id
+    if masks.teacher_id != teacher_id(teacher):
         raise UserError(f"masks file {path} was made with another teacher than "
                         f"{teacher_path}; {again}")
 

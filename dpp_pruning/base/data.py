@@ -7,6 +7,7 @@ the training inputs) and `settings` (the flags that made it). `len()` and `[i]` 
 make it a torch Dataset. It pickles as plain numpy arrays, so a file written here loads in
 any script or notebook that can import this module, and through our restricted unpickler.
 """
+import hashlib
 import math
 
 import numpy as np
@@ -116,3 +117,14 @@ def dataset_nbytes(input_dim, num_data):
     """Bytes of the arrays `generate_teacher` holds (float32 inputs and labels, train + test)."""
     rows = num_data + num_data // 10
     return 4 * rows * (input_dim + 1) + 8 * input_dim * input_dim
+
+
+def teacher_id(teacher):
+    """A short fingerprint of a whole teacher data set (weights, Gram matrix, labels and
+    settings; the weights alone are the same for every --num_data and --sig_w of one
+    --seed), to match the files of one run."""
+    digest = hashlib.sha1()
+    for name in ("w1", "w2", "gram", "labels", "test_labels"):
+        digest.update(getattr(teacher, name).numpy().tobytes())
+    digest.update(repr(sorted(teacher.settings.items())).encode())
+    return digest.hexdigest()[:16]

@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from dpp_pruning.base import workflow
 from dpp_pruning.base.data import generate_teacher
 from dpp_pruning.base.storage import (
     atomic_open,
@@ -36,6 +35,7 @@ from dpp_pruning.base.storage import (
     save_pickle,
     save_state_dict,
 )
+from dpp_pruning.pipeline import workflow
 from dpp_pruning.theory.order_params import order_parameters
 from dpp_sample_ts import KDPP, PRUNERS, edge_kernel
 from models import student_from_weights

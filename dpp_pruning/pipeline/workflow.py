@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from dpp_pruning.base import training
+from dpp_pruning.base.data import teacher_id
 from dpp_pruning.theory import expectations, order_param_odes
 from dpp_pruning.theory.order_params import generalisation_error, order_parameters
 from dpp_sample_ts import (
@@ -35,17 +36,6 @@ def masks_filename(choice, student_h_size, k):
 
 def kernels_filename(student_h_size):
     return f"dpp_edge_kernels_{student_h_size}.pkl"
-
-
-def teacher_id(teacher):
-    """A short fingerprint of a whole teacher data set (weights, Gram matrix, labels and
-    settings; the weights alone are the same for every --num_data and --sig_w of one
-    --seed), to match the files of one run."""
-    digest = hashlib.sha1()
-    for name in ("w1", "w2", "gram", "labels", "test_labels"):
-        digest.update(getattr(teacher, name).numpy().tobytes())
-    digest.update(repr(sorted(teacher.settings.items())).encode())
-    return digest.hexdigest()[:16]
 
 
 def weights_id(w1):

@@ -1,0 +1,2 @@
+"""The paper's workflow as functions (workflow): teacher and data, training, pruning, testing
+and the expected losses, over base/ (data, training, files) and theory/."""
