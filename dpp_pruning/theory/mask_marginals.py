@@ -69,6 +69,17 @@ def saddle_radius(eigvals, k):
     return float(np.exp(scipy.optimize.brentq(excess, lo, hi, xtol=1e-12)))
 
 
+CHUNK_ENTRIES = 1 << 21   # complex entries of one (rows, r) block of the circle sums (32 MB)
+
+
+def _log_generating(z, eigvals):
+    """log E(z_t) = Σ_n log(1 + λ_n z_t) (T,) for z (T,), eigvals (r,), a block of points at a
+    time, so that no T × r array is formed (T = r + 1 reaches tens of thousands)."""
+    rows = max(1, CHUNK_ENTRIES // eigvals.size)
+    return np.concatenate([np.log1p(np.outer(z[i:i + rows], eigvals)).sum(axis=1)
+                           for i in range(0, z.size, rows)])
+
+
 def _circle(eigvals, k):
     """The saddle circle of E(z) = Π_n (1 + λ_n z) for e_k: returns z (T,), its T = r + 1
     points, and log_terms(j) (T,) = log(E(z_t) z_t^{-j} / T) − log e_k(λ), so that
@@ -78,7 +89,7 @@ def _circle(eigvals, k):
     n_points = r + 1
     s = saddle_radius(eigvals, k)
     z = s * np.exp(2j * np.pi * np.arange(n_points) / n_points)              # (T,)
-    log_e = np.log1p(np.outer(z, eigvals)).sum(axis=1)                       # (T,) log E(z)
+    log_e = _log_generating(z, eigvals)                                      # (T,) log E(z)
     log_z = np.log(s) + 2j * np.pi * np.arange(n_points) / n_points
 
     def log_coefficient(j):
