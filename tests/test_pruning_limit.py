@@ -3,8 +3,8 @@ k-DPP inclusion probabilities, and the exact expectations over masks of syntheti
 whose weights are Gaussian with given Q, R, T.
 
 Monte Carlo tolerances are Z standard errors of a sample mean; seeds are fixed, so every test
-is deterministic. `python tests/test_pruning_limit.py` prints the gaps of the last part, the
-table of docs/theory.md ("Pruning at N → ∞").
+is deterministic. `PYTHONPATH=. python3 tests/test_pruning_limit.py` prints the gaps of the
+last part, the table of docs/theory.md ("Pruning at N → ∞").
 """
 import functools
 
