@@ -53,7 +53,7 @@ def test_pruned_order_parameters_against_monte_carlo(method):
             b = a * rho - 0.5 * np.sqrt((1.0 - rho * rho) * (1.0 - a * a))
             r = np.array([[a * np.sqrt(q_ii * t_nn)], [b * np.sqrt(q_kk * t_nn)]])
             cov = np.block([[q, r], [r.T, np.array([[t_nn]])]])
-            w_i, w_k, w_star = rng.multivariate_normal(np.zeros(3), cov, MC_SAMPLES).T
+            w_i, w_k, w_star = np.linalg.cholesky(cov) @ rng.standard_normal((3, MC_SAMPLES))
             pi_i = limit.keep_probability(method, w_i, fraction, q_ii)
             pi_k = limit.keep_probability(method, w_k, fraction, q_kk)
             pruned_q, pruned_r = limit.edge_order_parameters(method, fraction, q, r)
