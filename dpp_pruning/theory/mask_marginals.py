@@ -27,6 +27,11 @@ so no other coefficient aliases onto it):
 The radius s is the saddle point where Σ_n λ_n s / (1 + λ_n s) = k, at which the z^k term
 dominates E on the circle, so the sum loses only a few digits; E(z_t) is summed in log
 space, so nothing overflows. Cost O(r² T) per node, one complex matrix product.
+
+A diagonal kernel diag(λ) (dpp_edge at G = I) has the items as eigenvectors, V = I, so
+P(a in S) = ρ_a and P(a, b in S) = c_ab: DiagonalKDPPMarginals sums them over the circle a
+block of items at a time, in O(N T) time and bounded memory, without an N × N
+eigendecomposition.
 """
 import numpy as np
 import scipy.optimize
@@ -69,6 +74,17 @@ def saddle_radius(eigvals, k):
     return float(np.exp(scipy.optimize.brentq(excess, lo, hi, xtol=1e-12)))
 
 
+CHUNK_ENTRIES = 1 << 21   # complex entries of one (rows, r) block of the circle sums (32 MB)
+
+
+def _log_generating(z, eigvals):
+    """log E(z_t) = Σ_n log(1 + λ_n z_t) (T,) for z (T,), eigvals (r,), a block of points at a
+    time, so that no T × r array is formed (T = r + 1 reaches tens of thousands)."""
+    rows = max(1, CHUNK_ENTRIES // eigvals.size)
+    return np.concatenate([np.log1p(np.outer(z[i:i + rows], eigvals)).sum(axis=1)
+                           for i in range(0, z.size, rows)])
+
+
 def _circle(eigvals, k):
     """The saddle circle of E(z) = Π_n (1 + λ_n z) for e_k: returns z (T,), its T = r + 1
     points, and log_terms(j) (T,) = log(E(z_t) z_t^{-j} / T) − log e_k(λ), so that
@@ -78,7 +94,7 @@ def _circle(eigvals, k):
     n_points = r + 1
     s = saddle_radius(eigvals, k)
     z = s * np.exp(2j * np.pi * np.arange(n_points) / n_points)              # (T,)
-    log_e = np.log1p(np.outer(z, eigvals)).sum(axis=1)                       # (T,) log E(z)
+    log_e = _log_generating(z, eigvals)                                      # (T,) log E(z)
     log_z = np.log(s) + 2j * np.pi * np.arange(n_points) / n_points
 
     def log_coefficient(j):
@@ -138,6 +154,62 @@ class KDPPMarginals:
         p = x.shape[1]
         cb = (b * self.c[None]).reshape(p, -1)
         return u.T @ self.c @ u - cb @ b.reshape(p, -1).T
+
+    def cov_form(self, x):
+        x = np.asarray(x, dtype=np.float64)
+        xp = x.T @ self.pi                                                   # (p,)
+        return self.pair_form(x) + (x * self.pi[:, None]).T @ x - np.outer(xp, xp)
+
+
+class DiagonalKDPPMarginals:
+    """The k-DPP of a diagonal kernel diag(λ) (λ (N,) >= 0), e.g. dpp_edge's kernel
+    diag(w_i²) at G = I. Its eigenvectors are the items, so P(a in S) = ρ_a and
+    P(a, b in S) = c_ab (a != b), ρ and c as in kdpp_eigen_ratios over the positive λ (items
+    with λ_a = 0 are never drawn). Both are summed over the circle's points a block of items
+    at a time: nothing of size N × N is formed, so N = 20000 fits in memory (time O(N²))."""
+
+    def __init__(self, eigvals, k):
+        lam = np.asarray(eigvals, dtype=np.float64)
+        self.support = lam > 0
+        self.lam = lam[self.support]                                         # (r,)
+        r = self.lam.size
+        if not 1 <= k <= r:
+            raise ValueError(f"k = {k} is outside 1..{r}, the number of positive eigenvalues")
+        self.k = k
+        self.pi = np.zeros(lam.size)
+        if k == r:
+            self.pi[self.support] = 1.0
+        else:
+            self.z, log_terms = _circle(self.lam, k)
+            self.w1 = np.exp(log_terms(k - 1))                                # (T,)
+            self.w2 = np.exp(log_terms(k - 2)) if k >= 2 else None
+            self.pi[self.support] = np.clip(
+                np.concatenate([(a @ self.w1).real for a, _ in self._blocks()]), 0.0, 1.0)
+        self.var = self.pi * (1.0 - self.pi)
+
+    def _blocks(self):
+        """(a, items): a = λ_n / (1 + λ_n z_t) (rows, T) for consecutive blocks of items."""
+        rows = max(1, CHUNK_ENTRIES // self.z.size)
+        for i in range(0, self.lam.size, rows):
+            lam = self.lam[i:i + rows, None]
+            yield lam / (1.0 + lam * self.z[None, :]), slice(i, i + rows)
+
+    def pair_form(self, x):
+        """Σ_{a != b} x_a y_b P(a, b in S) for every pair of columns of x (N, p) -> (p, p):
+        Σ_t w2_t U_tx U_ty − Σ_a c_aa x_a y_a with U = aᵀ x, c_aa = Σ_t w2_t a_at²."""
+        x = np.asarray(x, dtype=np.float64)[self.support]                     # (r, p)
+        p = x.shape[1]
+        if self.k == 1:
+            return np.zeros((p, p))
+        if self.k == self.lam.size:
+            total = x.sum(axis=0)
+            return np.outer(total, total) - x.T @ x
+        u = np.zeros((self.z.size, p), dtype=complex)                       # (T, p)
+        diagonal = np.zeros(self.lam.size)                                   # (r,) c_aa
+        for a, items in self._blocks():
+            u += a.T @ x[items]
+            diagonal[items] = ((a * a) @ self.w2).real
+        return ((u * self.w2[:, None]).T @ u).real - (x * diagonal[:, None]).T @ x
 
     def cov_form(self, x):
         x = np.asarray(x, dtype=np.float64)
