@@ -25,6 +25,7 @@ reweighting the refit is not linear in the mask; no expectation is given for it 
 for importance_edge, whose one deterministic mask and refit give ε_g exactly.
 """
 import itertools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +47,9 @@ from dpp_sample_ts import (
 )
 
 NODE_METHODS = ("dpp_node", "random_node", "importance_node")
+# the most k-subsets of K nodes that dpp_node and random_node are averaged over exactly
+# (C(20, 5) = 15,504 in the paper's K = 20 panel); above it they have no expectation here
+MAX_SUBSETS = 200_000
 EDGE_METHODS = ("dpp_edge", "random_edge", "importance_edge")
 CURVATURE_STEP = 1e-3     # step of the central differences of ε_g along covariance axes
 
@@ -148,10 +152,26 @@ def node_subset_losses(q, r, t, v, v_star, subsets, hidden_gram=None, reweightin
     return generalisation_error(q, r, t, outs, v_star, nonlinearity)
 
 
+def enumerable(num_nodes, k):
+    """Whether the k-subsets of num_nodes nodes are few enough to average over exactly."""
+    return math.comb(num_nodes, k) <= MAX_SUBSETS
+
+
+def node_subsets(method, num_nodes, k, v=None, importance_rule="magnitude"):
+    """The subsets (C, k) a node method's expectation averages over: all of them, or the one
+    importance_node keeps; None where there are more than MAX_SUBSETS."""
+    if method == "importance_node":
+        return np.flatnonzero(importance_node_keep(v, k, importance_rule))[None, :]
+    return all_subsets(num_nodes, k) if enumerable(num_nodes, k) else None
+
+
 def node_expectation(method, k, q, r, t, v, v_star, kernel=None, hidden_gram=None,
                      reweighting=False, importance_rule="magnitude", nonlinearity="sigmoid"):
-    """Exact expected ε_g over the masks of a node method (an Expectation)."""
-    subsets = all_subsets(np.asarray(q).shape[0], k)
+    """Exact expected ε_g over the masks of a node method (an Expectation), or None where
+    its subsets are too many to enumerate (`enumerable`)."""
+    subsets = node_subsets(method, np.asarray(q).shape[0], k, np.ravel(v), importance_rule)
+    if subsets is None:
+        return None
     probs = node_subset_probabilities(method, subsets, kernel, np.ravel(v), importance_rule)
     losses = node_subset_losses(q, r, t, v, v_star, subsets, hidden_gram, reweighting,
                                 nonlinearity)
@@ -164,9 +184,11 @@ def expected_node_loss(method, k, q, r, t, v, v_star, kernel=None, hidden_gram=N
                        reweighting=False, importance_rule="magnitude", nonlinearity="sigmoid"):
     """Expected ε_g over the masks of a node method, from order parameters alone: q (K, K),
     r (K, M), t (M, M), v (K,), v_star (M,); `kernel` (K, K) for dpp_node; `hidden_gram`
-    (K, K) with reweighting. Add σ²/2 for the expected test loss."""
-    return node_expectation(method, k, q, r, t, v, v_star, kernel, hidden_gram, reweighting,
-                            importance_rule, nonlinearity).value
+    (K, K) with reweighting. Add σ²/2 for the expected test loss. NaN where the subsets are
+    too many to enumerate."""
+    found = node_expectation(method, k, q, r, t, v, v_star, kernel, hidden_gram, reweighting,
+                             importance_rule, nonlinearity)
+    return math.nan if found is None else found.value
 
 
 # ----------------------------------------------------------------------------------------
@@ -305,7 +327,8 @@ def expectation(method, k, w1, w2, w_star, v_star, gram, reweighting=False, hidd
     """Expected ε_g over the masks that `method` draws with budget k for the student w1
     (K, N), w2 (K,) as it is pruned (already rescaled if pruning rescales). Returns an
     Expectation, or None for dpp_edge and random_edge with reweighting (no expectation is
-    derived: their refit is not linear in the random mask)."""
+    derived: their refit is not linear in the random mask) and for dpp_node and random_node
+    beyond MAX_SUBSETS subsets."""
     w1 = np.asarray(w1, dtype=np.float64)
     w_star = np.asarray(w_star, dtype=np.float64)
     n = w1.shape[1]

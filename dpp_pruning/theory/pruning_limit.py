@@ -43,9 +43,11 @@ from dpp_pruning.theory.expectations import (
     EDGE_METHODS,
     NODE_METHODS,
     all_subsets,
+    enumerable,
     node_expectation,
     node_subset_losses,
     node_subset_probabilities,
+    node_subsets,
 )
 from dpp_pruning.theory.order_params import gaussian_moment, generalisation_error
 from dpp_sample_ts import KDPP
@@ -272,8 +274,9 @@ def pruned_loss(method, budget, q, r, t, v, v_star, reweighting=False,
         k = _node_count(budget, q.shape[0])
         kernel = q if method == "dpp_node" else None                          # W G Wᵀ / N
         hidden = hidden_gram_limit(q, nonlinearity) if reweighting else None
-        return node_expectation(method, k, q, r, t, np.ravel(v), v_star, kernel, hidden,
-                                reweighting, importance_rule, nonlinearity).value
+        found = node_expectation(method, k, q, r, t, np.ravel(v), v_star, kernel, hidden,
+                                 reweighting, importance_rule, nonlinearity)
+        return np.nan if found is None else found.value
     if method in EDGE_METHODS:
         pruned_q, pruned_r = edge_order_parameters(method, float(budget), q, r)
         return float(generalisation_error(pruned_q, pruned_r, t, np.ravel(v), v_star,
@@ -307,17 +310,23 @@ def pruned_losses(budgets, q, r, t, v, v_star, reweighting=(False, True),
     hidden = hidden_gram_limit(q, nonlinearity) if any(reweighting) else None
     counts = sorted({_node_count(b, num_nodes) for m in node_methods for b in budgets[m]})
     for k in counts:
-        subsets = all_subsets(num_nodes, k)
+        subsets = all_subsets(num_nodes, k) if enumerable(num_nodes, k) else None
         every = {}                                                           # rw -> (C,)
         for method in node_methods:
             chosen = [b for b in budgets[method] if _node_count(b, num_nodes) == k]
             if not chosen:
                 continue
-            probs = node_subset_probabilities(method, subsets, kernel, v, importance_rule)
+            if method != "importance_node" and subsets is None:             # too many
+                out.update({(method, b, rw): np.nan for b in chosen for rw in reweighting})
+                continue
+            if method == "importance_node":                                  # one subset
+                one = node_subsets(method, num_nodes, k, v, importance_rule)
+            else:
+                probs = node_subset_probabilities(method, subsets, kernel, v, importance_rule)
             for rw in reweighting:
-                if method == "importance_node":                              # one subset
-                    loss = node_subset_losses(q, r, t, v, v_star, subsets[probs > 0], hidden,
-                                              rw, nonlinearity)[0]
+                if method == "importance_node":
+                    loss = node_subset_losses(q, r, t, v, v_star, one, hidden, rw,
+                                              nonlinearity)[0]
                 else:
                     if rw not in every:
                         every[rw] = node_subset_losses(q, r, t, v, v_star, subsets, hidden,
