@@ -45,9 +45,9 @@ def validate(args):
     if args.num_data < 10:
         raise cli.UserError(f"--num_data {args.num_data} leaves no test set (10% of it); "
                             "use at least 10")
-    cli.finite("--sig_w", args.sig_w)
+    cli.float32("--sig_w", args.sig_w)
     cli.positive("--sig_w", args.sig_w, allow_zero=True)
-    cli.finite("--v_star", args.v_star)
+    cli.float32("--v_star", args.v_star)
     cli.seed("--seed", args.seed)
     args.device = cli.resolve_device(args.device, "--device")
     from dpp_pruning.base.data import CHUNK_ROWS, dataset_nbytes

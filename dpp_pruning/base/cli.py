@@ -159,6 +159,17 @@ def finite(name, value):
         raise UserError(f"{name} must be a finite number, got {value}")
 
 
+FLOAT32_MAX = 3.4028234663852886e38     # the teacher's weights, inputs and labels are float32
+
+
+def float32(name, value):
+    """Refuse a number that float32 cannot hold (after `finite`)."""
+    finite(name, value)
+    if abs(value) > FLOAT32_MAX:
+        raise UserError(f"{name} must be at most {FLOAT32_MAX:.3g} in magnitude (float32), "
+                        f"got {value:g}")
+
+
 def resolve_device(name, flag="--device"):
     """'cpu', 'cuda' (or 'cuda:N') or 'auto' -> a torch device string that exists here."""
     if name == "cpu":
