@@ -119,14 +119,14 @@ def configure(args):
 def main(argv=None):
     args = parse_args(argv)
     study, methods = configure(args)
-    out = args.out or os.path.join("runs", study.name)
+    out = os.path.abspath(args.out or os.path.join("runs", study.name))
     start = time.time()
     from dpp_pruning.experiments import executors, runner, sweep
     try:
         _, rows = runner.run(study, out, methods, args.jobs, bool(args.keep_data),
                              args.scheduler)
     except (sweep.RunFolderError, studies.StudyError, executors.SchedulerUnreachable,
-            runner.UnitFailed) as e:
+            executors.WorkerProblem, runner.UnitFailed) as e:
         raise cli.UserError(str(e)) from None
     counts = collections.Counter(r["verdict"].split(" at ")[0] for r in rows)
     cli.log.info(f"results written to {os.path.join(out, 'results.csv')}; claims on "

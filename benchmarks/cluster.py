@@ -59,7 +59,7 @@ def main():
                 "--students", str(args.students)]
         local_out, dask_out = os.path.join(work, "local"), os.path.join(work, "dask")
         local = time_run(base + ["--jobs", str(args.workers), "--out", local_out], ROOT)
-        with executors.LocalDaskCluster(args.workers, work, root=ROOT) as cluster:
+        with executors.LocalDaskCluster(args.workers, work) as cluster:
             remote = time_run(base + ["--scheduler", cluster.address, "--out", dask_out], ROOT)
             dask_unit = per_unit_overhead(executors.DaskPool(cluster.address), args.no_op)
         local_unit = per_unit_overhead(executors.LocalPool(args.workers), args.no_op)

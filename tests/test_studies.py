@@ -3,6 +3,7 @@ the folder's study record, seeds unique over a large study, the worker cache key
 and one run at a time per folder."""
 import csv
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -48,7 +49,7 @@ def test_presets_are_the_paper_grids():
             for n in (1, 2, 3, 4, 5)] == [83, 166, 250, 333, 417]
     smoke, small = study.preset("smoke"), study.preset("small")
     assert (smoke.input_dim, smoke.num_data, smoke.rounds, smoke.num_masks) == (20, 32000, 2, 10)
-    assert smoke.panels[1].node_budgets == (1, 3, 5)              # from fractions 5%, 15%, 25%
+    assert smoke.panels[1].node_budgets == (2, 3, 5)             # from fractions 10%, 15%, 25%
     assert (small.input_dim, small.num_data, small.rounds) == (100, 160000, 3)
     for s in (smoke, small, paper):
         assert study.from_record(study.record(s)) == s
@@ -104,6 +105,33 @@ BAD = {
     "rescale not 0 or 1": (GOOD + "\n[variants]\nrescale = [2]\n",
                            "variants.rescale[0] must be in 0..1, got 2"),
     "not TOML": ("[data\ninput_dim = 20\n", "not valid TOML"),
+    "'all' beside names": (GOOD.replace('methods = ["random_node", "importance_edge"]',
+                                        'methods = ["all", "dpp_node"]'),
+                           'panels[0].methods is either "all" or a list of methods, not both'),
+    "v_star beyond float32": (GOOD.replace("num_data = 4000", "num_data = 4000\nv_star = 1e300"),
+                              "data.v_star must be at most 3.4e+38 in magnitude (float32), got "
+                              "1e+300"),
+    "no test set": (GOOD.replace("num_data = 4000", "num_data = 4000\ntest_size = 0"),
+                    "data.test_size must be at least 1, got 0"),
+    "a name that climbs out of runs/": ('[study]\nname = "../../../elsewhere/x"\n' + GOOD,
+                                        "study.name must be one folder name (letters, digits"),
+    "an absolute name": ('[study]\nname = "/elsewhere/x"\n' + GOOD,
+                         "study.name must be one folder name"),
+    "an empty name": ('[study]\nname = ""\n' + GOOD, "study.name must be one folder name"),
+    "a name of two lines": ('[study]\nname = "a\\nb"\n' + GOOD,
+                            "study.name must be one folder name"),
+    "the name ..": ('[study]\nname = ".."\n' + GOOD, "study.name must be one folder name"),
+    "edge budget below one weight": (
+        GOOD.replace("student_h_size = 6", "student_h_size = 20").replace(
+            "nodes_kept = [2]", "nodes_kept = [2, 1]"),
+        "panels[0].nodes_kept[1] keeps 1 of the 20 hidden nodes (21 parameters), which edge "
+        "methods would match with 0.05 weights per node (K e + K = nodes (N + 1)), fewer than "
+        "one; drop this budget, list only node methods in this panel, or use a larger "
+        "input_dim"),
+    "edge fraction below one weight": (
+        GOOD.replace("student_h_size = 6", "student_h_size = 20").replace(
+            "nodes_kept = [2]", "fractions_kept = [0.05]"),
+        "panels[0].fractions_kept[0] keeps 1 of the 20 hidden nodes"),
 }
 
 
@@ -121,6 +149,60 @@ def test_a_bad_study_file_is_one_line_and_status_2_before_anything_is_written(ca
     assert len(err) == 1, err
     assert f"error: {path}: " in err[0] and message in err[0], err[0]
     assert not out.exists()
+
+
+def test_budgets_at_the_edges_of_their_ranges(tmp_path):
+    """A fraction that keeps every node, fractions that are not exact in binary (0.29 of
+    K = 100 is 29 nodes), an edge budget of exactly half a weight per node (rounds to one)
+    and node methods alone at a budget edge methods could not meet."""
+    text = GOOD.replace("nodes_kept = [2]", "fractions_kept = [1.0, 0.5]")
+    assert study.parse(text, "f.toml").panels[0].node_budgets == (3, 6)
+    wide = GOOD.replace("student_h_size = 6", "student_h_size = 100").replace(
+        "nodes_kept = [2]", "fractions_kept = [0.29, 0.07, 0.01]").replace(
+        "input_dim = 20", "input_dim = 200")
+    assert study.parse(wide, "w.toml").panels[0].node_budgets == (1, 7, 29)
+    # N = 19, K = 20, one node: K e + K = 20 gives e = 0 exactly: refused; N = 29: e = 0.5
+    edge = GOOD.replace("student_h_size = 6", "student_h_size = 20").replace(
+        "nodes_kept = [2]", "nodes_kept = [1]")
+    with pytest.raises(study.StudyError, match=r"nodes_kept\[0\] keeps 1 of the 20"):
+        study.parse(edge.replace("input_dim = 20", "input_dim = 19"), "e.toml")
+    half = study.parse(edge.replace("input_dim = 20", "input_dim = 29"), "e.toml")
+    assert sweep.budget("random_edge", 1, 29, 20) == 1 and half.panels[0].node_budgets == (1,)
+    nodes_only = edge.replace('["random_node", "importance_edge"]', '["random_node"]')
+    assert study.parse(nodes_only, "n.toml").panels[0].node_budgets == (1,)
+
+
+def test_noise_levels_are_one_float_each():
+    text = GOOD.replace("noise_levels = [0.0]", "noise_levels = [-0.0, 0.25, 0.2500001]")
+    s = study.parse(text, "n.toml")
+    assert s.noise_levels == (0.0, 0.25, 0.2500001)
+    assert str(s.noise_levels[0]) == "0.0"                       # not -0.0
+    assert [study.noise_name(x) for x in s.noise_levels] == ["0", "0.25", "0.2500001"]
+    assert study.noise_name(1 / 3) == repr(1 / 3)                # {:g} would say 0.333333
+    assert study.from_record(study.record(s)).noise_levels == s.noise_levels
+
+
+def test_a_study_file_whose_name_is_no_folder_name_is_one_line(tmp_path, capsys):
+    path = tmp_path / "my study.toml"
+    path.write_text(GOOD)
+    with pytest.raises(SystemExit) as e:
+        cli.run(reproduce.main, ["--study", str(path)])
+    assert e.value.code == 2
+    assert "the file's name gives the study no valid name ('my study'); set [study] name" in (
+        capsys.readouterr().err)
+
+
+def test_seeds_use_the_whole_64_bit_study_seed():
+    """Seeds 1 and 2**32 + 1 share their low 32 bits: every seed must still differ, in the
+    units of the older scheme (the presets' students) and in the current one."""
+    one = study.preset("smoke")
+    high = replace(one, seed=2 ** 32 + 1)
+    other = sweep.Dataset(0, 0.0, 3)                                # another M: current scheme
+    for dataset in (sweep.Dataset(0, 0.0), other):
+        assert sweep.teacher_seed(one, dataset) != sweep.teacher_seed(high, dataset)
+        assert sweep.init_seed(one, dataset, 6) != sweep.init_seed(high, dataset, 6)
+    for cell in (sweep.Cell(0.0, 6, "dpp_node", 3, 3), sweep.Cell(0.0, 6, "dpp_node", 3, 3, 0, 0)):
+        assert sweep.mask_seed(one, cell, 0) != sweep.mask_seed(high, cell, 0)
 
 
 def test_a_missing_study_file_is_one_line(tmp_path, capsys):
@@ -142,22 +224,37 @@ def test_command_line_flags_override_the_file(tmp_path):
     assert s.num_masks == 4                               # the file's, not overridden
 
 
-def test_the_record_accepts_added_cells_and_refuses_changed_ones(tmp_path):
+def test_the_record_accepts_added_cells_and_keeps_the_folders_identity(tmp_path):
+    base = study.parse(GOOD, "mine.toml")
+    out = str(tmp_path / "run")
+    _, identity = study.claim_folder(base, out)
+    more = replace(base, students=3, noise_levels=(0.0, 0.5), rescale=(1, 0),
+                   panels=base.panels + (study.Panel(8, ("dpp_node",), (1, 2)),))
+    merged, same = study.claim_folder(more, out)
+    assert merged.students == 3 and merged.noise_levels == (0.0, 0.5) and same == identity
+    assert study.read_record(out) == merged
+    fewer = replace(base, panels=(replace(base.panels[0], methods=("random_node",)),))
+    assert study.claim_folder(fewer, out) == (merged, identity)   # leaving cells out: nothing
+    shutil.rmtree(out)                                 # a folder made again at the same path
+    assert study.claim_folder(base, out)[1] not in (identity, None)
+
+
+# a value of every field the record compares, other than GOOD's
+CHANGES = dict(input_dim=30, num_data=8000, test_size=123, mode="soft_committee", v_star=3.0,
+               lr=0.25, epochs=2, nonlinearity="relu", rounds=2, num_masks=5,
+               reweighting=(0,), importance_rule="signed", seed=2, teacher_h_size=None)
+
+
+@pytest.mark.parametrize("field", study.CORE)
+def test_the_record_refuses_a_change_to_every_field_it_compares(tmp_path, field):
     base = study.parse(GOOD, "mine.toml")
     out = str(tmp_path)
     study.claim_folder(base, out)
-    more = replace(base, students=3, noise_levels=(0.0, 0.5), rescale=(1, 0),
-                   panels=base.panels + (study.Panel(8, ("dpp_node",), (1, 2)),))
-    merged = study.claim_folder(more, out)
-    assert merged.students == 3 and merged.noise_levels == (0.0, 0.5)
-    assert study.read_record(out) == merged
-    fewer = replace(base, panels=(replace(base.panels[0], methods=("random_node",)),))
-    assert study.claim_folder(fewer, out) == merged       # leaving cells out changes nothing
-    for change in (dict(seed=2), dict(num_data=8000), dict(rounds=2), dict(lr=0.25),
-                   dict(teacher_h_sizes=(3,))):
-        with pytest.raises(study.StudyError, match="another study or seed .*differs in "
-                                                   + list(change)[0].replace("_sizes", "_size")):
-            study.claim_folder(replace(base, **change), out)
+    change = ({"teacher_h_sizes": (3,)} if field == "teacher_h_size"
+              else {field: CHANGES[field]})
+    with pytest.raises(study.StudyError, match=f"another study or seed .*differs in {field}"):
+        study.claim_folder(replace(base, **change), out)
+    assert set(CHANGES) == set(study.CORE)
 
 
 def _legacy(*parts):

@@ -10,6 +10,7 @@ MODES = ("normal", "soft_committee")
 # pruning choice -> what its --k counts: hidden nodes kept or incoming weights kept per node
 PRUNING_CHOICES = {"dpp_node": "node", "dpp_edge": "edge", "random_node": "node",
                    "random_edge": "edge", "importance_node": "node", "importance_edge": "edge"}
+EDGE_CHOICES = tuple(c for c, what in PRUNING_CHOICES.items() if what == "edge")
 SWEEP_PRESETS = ("smoke", "small", "paper")
 IMPORTANCE_RULES = ("magnitude", "signed")   # importance_node: largest |v| or largest signed v
 

@@ -113,9 +113,10 @@ def generate_teacher(input_dim, teacher_h_size, num_data, mode="normal", sig_w=0
                           (gram / num_data).cpu(), settings)
 
 
-def dataset_nbytes(input_dim, num_data):
-    """Bytes of the arrays `generate_teacher` holds (float32 inputs and labels, train + test)."""
-    rows = num_data + num_data // 10
+def dataset_nbytes(input_dim, num_data, num_test=None):
+    """Bytes of the arrays `generate_teacher` holds (float32 inputs and labels, train + test
+    (default num_data // 10), the float64 Gram matrix)."""
+    rows = num_data + (num_data // 10 if num_test is None else num_test)
     return 4 * rows * (input_dim + 1) + 8 * input_dim * input_dim
 
 

@@ -53,9 +53,9 @@ class Run:
                 f"{p.rounds} rounds x {p.num_masks} masks per cell, seed {p.seed}, "
                 f"folder {shown(self.out, ROOT)}" + (f"\n{self.note}" if self.note else ""))
 
-    def cell(self, noise, student_h_size, method, k):
-        return np.load(sweep.cell_path(self.out, sweep.Cell(float(noise), student_h_size,
-                                                            method, k, 0)))
+    def cell(self, cell):
+        """The arrays stored for a sweep.Cell of this run."""
+        return np.load(sweep.cell_path(self.out, cell))
 
 
 def load_run(out=None, preset=None):
@@ -238,10 +238,12 @@ def figure_node_methods(run, reweighting=0):
 def figure_heatmaps(run, method, noise=0.0, reweighting=0):
     """Figure 3: expected Q and R after pruning, block-diagonal order, across budgets."""
     panel = run.preset.panels[0]
-    ks = list(dict.fromkeys(c.k for c in sweep.grid(run.preset, [method])
-                            if c.noise == noise and c.student_h_size == panel.student_h_size))
-    fig, axes = plt.subplots(2, len(ks) + 1, figsize=(2.3 * (len(ks) + 1), 4.6), squeeze=False)
-    with run.cell(noise, panel.student_h_size, method, ks[0]) as z:
+    cells = [c for c in sweep.grid(run.preset, [method], students=1)
+             if c.noise == noise and c.student_h_size == panel.student_h_size
+             and c.teacher_h_size is None and c.rescale == 1]
+    fig, axes = plt.subplots(2, len(cells) + 1, figsize=(2.3 * (len(cells) + 1), 4.6),
+                             squeeze=False)
+    with run.cell(cells[0]) as z:
         q, r = z["unpruned_q"], z["unpruned_r"]
     try:
         order, _ = block_order(r)
@@ -249,10 +251,10 @@ def figure_heatmaps(run, method, noise=0.0, reweighting=0):
     except NotSpecialised as e:
         order, title = np.arange(len(q)), f"students' own order ({e})"
     columns = [("unpruned", q, r)]
-    for k in ks:
-        with run.cell(noise, panel.student_h_size, method, k) as z:
+    for cell in cells:
+        with run.cell(cell) as z:
             tags = [f"rw{reweighting}_round{i}" for i in range(run.preset.rounds)]
-            columns.append((f"k = {k}", np.mean([z[f"eq_{t}"] for t in tags], axis=0),
+            columns.append((f"k = {cell.k}", np.mean([z[f"eq_{t}"] for t in tags], axis=0),
                             np.mean([z[f"er_{t}"] for t in tags], axis=0)))
     for j, (label, eq, er) in enumerate(columns):
         axes[0, j].imshow(eq[np.ix_(order, order)], cmap="RdBu_r", vmin=-1, vmax=1)
@@ -294,9 +296,10 @@ def random_edge_curve(run, noise, student_h_size, fractions):
     """Closed-form loss of random_edge pruning against the fraction f of edges kept, from
     the unpruned student's order parameters (expectations.expected_random_edge_loss; it
     holds for any student, specialised or not)."""
-    cell = next(c for c in sweep.grid(run.preset) if c.noise == noise
-                and c.student_h_size == student_h_size)   # any cell stores the unpruned student
-    with run.cell(noise, student_h_size, cell.method, cell.k) as z:
+    cell = next(c for c in sweep.grid(run.preset, students=1) if c.noise == noise
+                and c.student_h_size == student_h_size and c.teacher_h_size is None
+                and c.rescale == 1)               # any cell stores the unpruned student
+    with run.cell(cell) as z:
         q, r, t, v, v_star = (z[name] for name in ("unpruned_q", "unpruned_r", "t", "v", "v_star"))
     return np.array([expected_random_edge_loss(q, r, t, v, v_star, f)
                      for f in fractions]) + 0.5 * noise ** 2

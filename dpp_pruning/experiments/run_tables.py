@@ -13,6 +13,7 @@ import glob
 import io
 import math
 import os
+import zipfile
 
 import numpy as np
 
@@ -44,22 +45,33 @@ def _group_fields(study, group):
                 student_h_size=group.student_h_size, rescale=group.rescale)
 
 
+class UnitFileError(ValueError):
+    """A unit's file in the run folder that cannot be read or does not hold its unit."""
+
+
 class RunTables:
     """The tables of one run folder, from every finished unit in it (whatever invocation
     made it: more students, the other rescaling, another teacher size); `add` a unit that
-    has just finished, then `write`."""
+    has just finished, then `write`.
+
+    Every unit file is verified when it is read: one that cannot be read (truncated, say, by
+    a disk that filled up) or that holds another unit than its name says is not used, and
+    `unusable` says why (path -> reason), so that its unit runs again. A file whose name
+    would also name a unit of another setting (an earlier release named σ = 0.25 and
+    0.2500001 alike) raises UnitFileError: the folder cannot be used."""
 
     def __init__(self, study, out):
         self.study, self.out = study, out
         self._cell_rows = {}        # cell -> list of row dicts (without the expectation)
         self._group_rows = {}       # group -> list of expectation row dicts
         self._special = {}          # group -> list of specialisation row dicts
-        for path in sorted(glob.glob(os.path.join(out, "student_*", "cells", "*.npz"))):
-            with np.load(path) as z:
-                self.add(sweep.cell_from_meta(z["meta"]))
-        for path in sorted(glob.glob(os.path.join(out, "student_*", "expectations", "*.npz"))):
-            with np.load(path) as z:
-                self.add(sweep.group_from_meta(z["meta"]))
+        self.unusable = {}          # path -> why its unit runs again
+        for kind in ("cells", "expectations"):
+            for path in sorted(glob.glob(os.path.join(out, "student_*", kind, "*.npz"))):
+                try:
+                    self._parse(path)
+                except UnitFileError as e:
+                    self.unusable[path] = str(e)
 
     @property
     def cells(self):
@@ -70,46 +82,84 @@ class RunTables:
         return sorted(self._group_rows,
                       key=lambda g: _order(g.dataset) + (g.student_h_size, -g.rescale))
 
-    def add(self, unit):
-        """Parse a finished cell or group (nothing if its file is not there yet)."""
+    def done(self, unit):
+        """Whether `unit` is finished: its file was read, and a group's file holds every row
+        the study asks of it (a panel grown by methods or budgets asks more)."""
         if isinstance(unit, sweep.Cell):
-            if os.path.exists(sweep.cell_path(self.out, unit)):
-                self._cell_rows[unit] = list(self._read_cell(unit))
-        elif os.path.exists(sweep.group_path(self.out, unit)):
-            self._group_rows[unit], self._special[unit] = self._read_group(unit)
+            return unit in self._cell_rows
+        if unit not in self._group_rows:
+            return False
+        held = {(sweep.ALL_METHODS.index(r["method"]), r["k"], r["nodes_equivalent"],
+                 r["reweighting"]) for r in self._group_rows[unit]}
+        return set(sweep.group_rows(self.study, unit)) <= held
 
-    def _read_cell(self, cell):
+    def add(self, unit):
+        """Parse the file of a unit that has just finished."""
+        path = (sweep.cell_path(self.out, unit) if isinstance(unit, sweep.Cell)
+                else sweep.group_path(self.out, unit))
+        self._parse(path)
+
+    def _parse(self, path):
+        """Read one unit file into the tables, verifying it; UnitFileError if it cannot be
+        used (a name clash with another unit's setting is raised as is, with its own
+        message)."""
+        cell_file = os.path.basename(os.path.dirname(path)) == "cells"
+        try:
+            with np.load(path) as z:
+                meta = str(z["meta"])
+                unit = sweep.cell_from_meta(meta) if cell_file else sweep.group_from_meta(meta)
+                rows = self._cell_file_rows(unit, z) if cell_file else self._group_file_rows(
+                    unit, z)
+        except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
+            raise UnitFileError(f"it cannot be read ({type(e).__name__}: truncated or "
+                                "damaged)") from None
+        expected = sweep.cell_path(self.out, unit) if cell_file else sweep.group_path(self.out,
+                                                                                       unit)
+        name = os.path.basename(path)[:-len(".npz")]
+        if os.path.abspath(expected) != os.path.abspath(path):
+            if cell_file and name.startswith(unit.group.name + "_"):
+                raise UnitFileError(f"it holds {unit.name}, named otherwise by an earlier "
+                                    "release")
+            raise sweep.RunFolderError(
+                f"{path} holds the unit {unit.name} of another setting than its name says "
+                "(an earlier release gave two noise levels one name); use another --out")
+        if cell_file:
+            self._cell_rows[unit] = rows
+        else:
+            self._group_rows[unit], self._special[unit] = rows
+
+    def _cell_file_rows(self, cell, z):
         study = self.study
-        with np.load(sweep.cell_path(self.out, cell)) as z:
-            for rw in study.reweighting:
-                for rnd in range(study.rounds):
-                    losses = z[f"losses_rw{rw}_round{rnd}"]
-                    yield dict(**_group_fields(study, cell.group), method=cell.method,
-                               reweighting=rw, k=cell.k, nodes_equivalent=cell.nodes_equivalent,
-                               fraction_kept=sweep.fraction_kept(cell.method, cell.k,
-                                                                 study.input_dim,
-                                                                 cell.student_h_size),
-                               round=rnd, test_loss=float(losses.mean()),
-                               predicted_loss=float(z[f"predicted_rw{rw}_round{rnd}"].mean()),
-                               test_loss_std=float(losses.std()),
-                               unpruned_test_loss=float(z["unpruned_loss"]),
-                               unpruned_predicted_loss=float(z["unpruned_predicted"]))
+        rows = []
+        for rw in study.reweighting:
+            for rnd in range(study.rounds):
+                losses = z[f"losses_rw{rw}_round{rnd}"]
+                rows.append(dict(
+                    **_group_fields(study, cell.group), method=cell.method, reweighting=rw,
+                    k=cell.k, nodes_equivalent=cell.nodes_equivalent,
+                    fraction_kept=sweep.fraction_kept(cell.method, cell.k, study.input_dim,
+                                                      cell.student_h_size),
+                    round=rnd, test_loss=float(losses.mean()),
+                    predicted_loss=float(z[f"predicted_rw{rw}_round{rnd}"].mean()),
+                    test_loss_std=float(losses.std()),
+                    unpruned_test_loss=float(z["unpruned_loss"]),
+                    unpruned_predicted_loss=float(z["unpruned_predicted"])))
+        return rows
 
-    def _read_group(self, group):
+    def _group_file_rows(self, group, z):
         study = self.study
         fields = _group_fields(study, group)
-        with np.load(sweep.group_path(self.out, group)) as z:
-            rows = [dict(**fields, method=sweep.ALL_METHODS[int(m)], reweighting=int(rw), k=int(k),
-                         nodes_equivalent=int(nodes),
-                         fraction_kept=sweep.fraction_kept(sweep.ALL_METHODS[int(m)], int(k),
-                                                           study.input_dim, group.student_h_size),
-                         expected=value, expected_first_order=first, expected_sd=sd,
-                         unpruned_expected=float(z["unpruned_expected"]))
-                    for m, k, nodes, rw, value, first, sd in z["rows"]]
-            special = [dict(**fields, teacher_node=n, student_nodes=int(c), summed_v=float(s),
-                            effective_v=float(e))
-                       for n, (c, s, e) in enumerate(zip(z["counts"], z["summed"], z["effective"],
-                                                         strict=True))]
+        rows = [dict(**fields, method=sweep.ALL_METHODS[int(m)], reweighting=int(rw), k=int(k),
+                     nodes_equivalent=int(nodes),
+                     fraction_kept=sweep.fraction_kept(sweep.ALL_METHODS[int(m)], int(k),
+                                                       study.input_dim, group.student_h_size),
+                     expected=value, expected_first_order=first, expected_sd=sd,
+                     unpruned_expected=float(z["unpruned_expected"]))
+                for m, k, nodes, rw, value, first, sd in z["rows"]]
+        special = [dict(**fields, teacher_node=n, student_nodes=int(c), summed_v=float(s),
+                        effective_v=float(e))
+                   for n, (c, s, e) in enumerate(zip(z["counts"], z["summed"], z["effective"],
+                                                     strict=True))]
         return rows, special
 
     def expectation_rows(self):

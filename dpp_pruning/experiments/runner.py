@@ -1,7 +1,13 @@
 """Run a study in a run folder: every unfinished work unit, on the executor asked for, then
 the tables and the claims. reproduce.py is the command line over `run`; notebooks call it too.
+
+The promise: a study's tables are the bytes of one clean local `--jobs 1` run of the same
+study, whatever the executor, the working directories, the order in which the folder was
+grown and the interruptions; anything else ends in one line (UnitFailed, or the errors of
+study, sweep and executors) and loses nothing already done.
 """
 import collections
+import contextlib
 import os
 import time
 
@@ -11,54 +17,77 @@ from dpp_sample_ts import KDPPError
 
 
 class UnitFailed(ValueError):
-    """A work unit that the study's settings make impossible; one line."""
+    """A work unit that the study's settings make impossible, or a run that cannot go on
+    (a worker killed again and again, the scheduler lost); one line."""
 
 
 def run(study, out, methods=None, jobs=1, keep_data=True, scheduler=None):
     """Run every unfinished unit of the study in `out`; returns its RunTables and the claims
     rows. Holds the folder's lock throughout (one run at a time per folder).
 
-    Data sets are opened (made, then their cells and expectation groups submitted) all at
-    once, or with keep_data=False at most `jobs` at a time, each one's teacher file deleted
-    as soon as its last unit is done."""
+    `out` is made absolute before anything is sent to a worker (a worker's working directory
+    is its own). Before any unit runs, the executor checks that it can do the work: memory
+    for the data sets it holds at once and, on a Dask cluster, that the scheduler and every
+    worker import this checkout's code and see the run folder (executors). Data sets are
+    opened (made, then their cells and expectation groups submitted) all at once, or with
+    keep_data=False at most `jobs` at a time, each one's teacher file deleted as soon as its
+    last unit is done."""
     from dpp_pruning.base import storage
-    from dpp_pruning.experiments import executors
-    with executors.executor(jobs, scheduler) as pool, \
-            storage.folder_lock(out, "reproduce.py run"):
-        recorded = studies.claim_folder(study, out)
-        return _run(study, recorded, out, methods, pool, keep_data)
+    from dpp_pruning.experiments import executors, sweep
+    out = os.path.abspath(out)
+    existed = os.path.exists(out)
+    try:
+        with executors.executor(jobs, scheduler) as pool, \
+                storage.folder_lock(out, "reproduce.py run"):
+            pool.check(out, executors.unit_memory(study))
+            recorded, folder_id = studies.claim_folder(study, out)
+            return _run(study, recorded, sweep.Folder(out, folder_id), methods, pool, keep_data)
+    finally:
+        if not existed:                     # a run refused before its first file leaves none
+            with contextlib.suppress(OSError):
+                os.rmdir(out)
 
 
-def _run(study, recorded, out, methods, pool, keep_data):
+def _run(study, recorded, folder, methods, pool, keep_data):
     from dpp_pruning.base.progress import Bar
     from dpp_pruning.base.storage import atomic_open
-    from dpp_pruning.experiments import claims, sweep
+    from dpp_pruning.experiments import claims, executors, sweep
     from dpp_pruning.experiments.run_tables import RunTables, write_csv
 
+    out = folder.path
     cells = sweep.grid(study, methods)
     groups = sweep.groups(study)
-    tables = RunTables(recorded, out)
+    try:
+        tables = RunTables(recorded, out)
+    except sweep.RunFolderError as e:
+        raise UnitFailed(str(e)) from None
+    for path, why in tables.unusable.items():
+        cli.log.info(f"{os.path.relpath(path, out)} is not used ({why}); its unit runs again")
     work = collections.defaultdict(list)            # dataset -> unfinished cells and groups
     for unit in groups + cells:
-        path = (sweep.group_path(out, unit) if isinstance(unit, sweep.Group)
-                else sweep.cell_path(out, unit))
-        if not os.path.exists(path):
+        if not tables.done(unit):
             work[unit.dataset].append(unit)
     unready = [d for d in work if not sweep.dataset_ready(study, out, d)]
     todo = sum(len(units) for units in work.values())
+    total = len(cells) + len(groups)
     cli.log.info(f"study '{study.name}', {study.students} student(s): {len(cells)} cells and "
-                 f"{len(groups)} expectation groups, {len(cells) + len(groups) - todo} already "
+                 f"{len(groups)} expectation groups, {total - todo} already "
                  f"done, {todo} to run, {len(unready)} data set(s) to make")
+    executors.check_disk(study, out, len(unready) if keep_data else min(len(unready),
+                                                                          pool.slots))
     waiting = collections.deque(work)               # data sets not opened yet
     left = {d: len(units) for d, units in work.items()}
     cli.log.info(f"work units run in {pool.description}")
+    done = total - todo
     with Bar(len(unready) + todo, f"{study.name} grid", unit="unit") as bar:
         pending = {}
 
         def submit_work(dataset):
             for unit in work[dataset]:
-                fn = sweep.run_group if isinstance(unit, sweep.Group) else sweep.run_cell
-                pending[pool.submit(fn, study, out, unit)] = unit
+                if isinstance(unit, sweep.Group):
+                    pending[pool.submit(sweep.run_group, recorded, folder, unit)] = unit
+                else:
+                    pending[pool.submit(sweep.run_cell, recorded, folder, unit)] = unit
 
         def open_next():
             """Make the next data set, or submit its work if it is already made."""
@@ -73,21 +102,25 @@ def _run(study, recorded, out, methods, pool, keep_data):
             open_next()
             opened += 1
         while pending:
-            for future in pool.next_done(pending):
+            try:
+                finished = pool.next_done(pending)
+            except executors.SchedulerLost as e:
+                raise UnitFailed(_resume_line(e, out, done, total)) from None
+            for future in finished:
                 unit = pending.pop(future)
                 try:
-                    result = future.result()
-                except KDPPError as e:
-                    name = unit.name if hasattr(unit, "name") else unit.folder
-                    raise UnitFailed(f"{out}: unit {name} cannot run: {e} Choose budgets "
-                                     "within the kernel's rank (more data, or fewer nodes "
-                                     "kept)") from None
+                    result = pool.result(future)
+                except executors.SchedulerLost as e:
+                    raise UnitFailed(_resume_line(e, out, done, total)) from None
+                except Exception as e:      # noqa: BLE001 - named below, or raised as it is
+                    raise _unit_failure(e, unit, out) from None
                 bar.update()
                 if isinstance(unit, sweep.Dataset):
                     for line in result:
                         cli.log.info(line)
                     submit_work(unit)
                     continue
+                done += 1
                 tables.add(unit)
                 tables.write()
                 left[unit.dataset] -= 1
@@ -106,3 +139,32 @@ def _run(study, recorded, out, methods, pool, keep_data):
     with atomic_open(os.path.join(out, "claims.md"), "w") as f:
         f.write(claims.markdown(rows, studies.record(recorded), time.strftime("%Y-%m-%d")))
     return tables, rows
+
+
+def _unit_name(unit):
+    if hasattr(unit, "name"):
+        return unit.name
+    return f"data set {unit.folder} of student {unit.student}"
+
+
+def _resume_line(lost, out, done, total):
+    return (f"{lost}: {done} of {total} units done and kept in {out}; start the scheduler and "
+            "its workers again and run the same command to resume")
+
+
+def _unit_failure(error, unit, out):
+    """The one-line error for a unit that raised `error` (or the error itself where it
+    already is one line about the folder)."""
+    from dpp_pruning.experiments import sweep
+    name = _unit_name(unit)
+    if isinstance(error, KDPPError):
+        return UnitFailed(f"{out}: unit {name} cannot run: {error} Choose budgets within the "
+                          "kernel's rank (more data, or fewer nodes kept)")
+    if isinstance(error, sweep.TrainingDiverged):
+        return UnitFailed(f"{out}: {error}")
+    if type(error).__name__ == "KilledWorker":
+        return UnitFailed(f"{out}: unit {name} killed every Dask worker that ran it, up to the "
+                          "scheduler's limit of retries (out of memory?); the units already "
+                          "done are kept: give each worker more memory (docs/studies.md) and "
+                          "run the same command to resume")
+    return error

@@ -18,14 +18,39 @@ only add cells to it (see `merge`).
 import json
 import math
 import os
+import re
 import tomllib
+import uuid
 from dataclasses import asdict, dataclass, replace
 
 from dpp_pruning import ROOT
-from dpp_pruning.base.choices import IMPORTANCE_RULES, MODES, PRUNING_CHOICES
+from dpp_pruning.base.choices import EDGE_CHOICES, IMPORTANCE_RULES, MODES, PRUNING_CHOICES
+from dpp_pruning.base.cli import FLOAT32_MAX
 
 STUDIES_DIR = os.path.join(ROOT, "studies")
 RECORD = "study.json"
+# a study's name is one path component (its default folder is runs/<name>)
+NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def canonical_noise(value):
+    """The one form of a noise level σ used everywhere (file names, seeds, merges, tables):
+    the exact float, with -0.0 read as 0.0."""
+    return float(value) + 0.0
+
+
+def noise_name(noise):
+    """σ as it appears in file and folder names: the shortest of `{σ:g}` and repr(σ) that
+    reads back as the same float, so that two levels never share a name."""
+    noise = canonical_noise(noise)
+    short = f"{noise:g}"
+    return short if float(short) == noise else repr(noise)
+
+
+def edge_weights_exact(nodes, input_dim, student_h_size):
+    """e with K e + K = nodes (N + 1): the weights per node that keep the parameters of
+    `nodes` hidden nodes (before rounding)."""
+    return (nodes * (input_dim + 1) - student_h_size) / student_h_size
 
 
 class StudyError(ValueError):
@@ -107,6 +132,14 @@ class _Checker:
             self.fail(key, f"must be {'positive' if strict else 'non-negative'}, got {value}")
         return float(value)
 
+    def float32(self, key, value):
+        """A finite number that float32 holds (the teacher's weights are float32)."""
+        value = self.number(key, value)
+        if abs(value) > FLOAT32_MAX:
+            self.fail(key, f"must be at most {FLOAT32_MAX:.3g} in magnitude (float32), got "
+                           f"{value:g}")
+        return value
+
     def choice(self, key, value, allowed):
         if value not in allowed:
             self.fail(key, f"must be one of {', '.join(map(str, allowed))}, got {value!r}")
@@ -115,6 +148,13 @@ class _Checker:
     def text(self, key, value):
         if not isinstance(value, str):
             self.fail(key, f"must be a string, got {value!r}")
+        return value
+
+    def name(self, key, value):
+        self.text(key, value)
+        if not NAME.fullmatch(value) or value in (".", ".."):
+            self.fail(key, f"must be one folder name (letters, digits, '-', '_', '.'; not "
+                           f"'.' or '..'), got {value!r}")
         return value
 
     def items(self, key, value, check):
@@ -135,7 +175,7 @@ def _flag(c, key, value):
 
 # section -> key -> (Study field, check(checker, key, value) -> value); [[panels]] apart
 SCHEMA = {
-    "study": {"name": ("name", lambda c, k, v: c.text(k, v)),
+    "study": {"name": ("name", lambda c, k, v: c.name(k, v)),
               "description": ("description", lambda c, k, v: c.text(k, v))},
     "data": {"input_dim": ("input_dim", lambda c, k, v: c.integer(k, v, 2)),
              "num_data": ("num_data", lambda c, k, v: c.integer(k, v, 10)),
@@ -143,9 +183,10 @@ SCHEMA = {
              "mode": ("mode", lambda c, k, v: c.choice(k, v, MODES)),
              "teacher_h_sizes": ("teacher_h_sizes", lambda c, k, v: tuple(
                  c.items(k, v, lambda kk, x: c.integer(kk, x, 1, 1000)))),
-             "v_star": ("v_star", lambda c, k, v: c.number(k, v)),
+             "v_star": ("v_star", lambda c, k, v: c.float32(k, v)),
              "noise_levels": ("noise_levels", lambda c, k, v: tuple(sorted(
-                 c.items(k, v, lambda kk, x: c.number(kk, x, 0.0)))))},
+                 c.items(k, v, lambda kk, x: canonical_noise(c.number(kk, c.float32(kk, x),
+                                                                       0.0))))))},
     "training": {"lr": ("lr", lambda c, k, v: c.number(k, v, 0.0, strict=True)),
                  "epochs": ("epochs", lambda c, k, v: c.integer(k, v, 1)),
                  # the order-parameter theory (expectations, predicted losses) is for erf
@@ -165,7 +206,7 @@ REQUIRED = (("data", "input_dim"), ("data", "num_data"), ("data", "noise_levels"
 PANEL_KEYS = ("student_h_size", "methods", "nodes_kept", "fractions_kept", "teacher_h_sizes")
 
 
-def _panel(c, key, table):
+def _panel(c, key, table, input_dim):
     if not isinstance(table, dict):
         c.fail(key, f"must be a table ([[panels]]), got {table!r}")
     unknown = sorted(set(table) - set(PANEL_KEYS))
@@ -184,18 +225,33 @@ def _panel(c, key, table):
     if ("nodes_kept" in table) == ("fractions_kept" in table):
         c.fail(key, "needs one of nodes_kept (hidden nodes kept) or fractions_kept (fraction of "
                     "the student's parameters kept)")
+    budget_key = "nodes_kept" if "nodes_kept" in table else "fractions_kept"
     if "nodes_kept" in table:
         nodes = c.items(f"{key}.nodes_kept", table["nodes_kept"],
                         lambda kk, x: c.integer(kk, x, 1, size))
     else:
         nodes = c.items(f"{key}.fractions_kept", table["fractions_kept"],
                         lambda kk, f: _nodes_of_fraction(c, kk, f, size))
+    if chosen & set(EDGE_CHOICES):
+        for j, n in enumerate(nodes):
+            _check_edge_budget(c, f"{key}.{budget_key}[{j}]", n, input_dim, size)
     teachers = None
     if "teacher_h_sizes" in table:
         teachers = tuple(c.items(f"{key}.teacher_h_sizes", table["teacher_h_sizes"],
                                  lambda kk, x: c.integer(kk, x, 1, 1000)))
     return Panel(size, tuple(m for m in PRUNING_CHOICES if m in chosen), tuple(sorted(nodes)),
                  teachers)
+
+
+def _check_edge_budget(c, key, nodes, input_dim, size):
+    """Edge methods keep e weights per node, e the nearest whole number to
+    edge_weights_exact; a budget whose e would round to zero cannot be met."""
+    exact = edge_weights_exact(nodes, input_dim, size)
+    if exact < 0.5:
+        c.fail(key, f"keeps {nodes} of the {size} hidden nodes ({nodes * (input_dim + 1)} "
+                    f"parameters), which edge methods would match with {exact:.3g} weights per "
+                    f"node (K e + K = nodes (N + 1)), fewer than one; drop this budget, list "
+                    "only node methods in this panel, or use a larger input_dim")
 
 
 def _nodes_of_fraction(c, key, fraction, size):
@@ -237,7 +293,8 @@ def parse(text, source):
         c.fail("panels", "is required: at least one [[panels]] table")
     if not isinstance(panels, list) or not panels:
         c.fail("panels", "must be one or more [[panels]] tables")
-    values["panels"] = tuple(_panel(c, f"panels[{i}]", p) for i, p in enumerate(panels))
+    values["panels"] = tuple(_panel(c, f"panels[{i}]", p, values["input_dim"])
+                             for i, p in enumerate(panels))
     if values.get("test_size") == values["num_data"] // 10:
         values["test_size"] = None
     return normalise(Study(**values), source)
@@ -279,7 +336,12 @@ def load(path):
         raise StudyError(f"{path}: is not UTF-8 text") from None
     study = parse(text, path)
     if study.name == "study":
-        study = replace(study, name=os.path.splitext(os.path.basename(path))[0])
+        stem = os.path.splitext(os.path.basename(path))[0]
+        if not NAME.fullmatch(stem):
+            raise StudyError(f"{path}: the file's name gives the study no valid name ({stem!r}"
+                             "); set [study] name to one folder name (letters, digits, '-', "
+                             "'_', '.')")
+        study = replace(study, name=stem)
     return study
 
 
@@ -292,6 +354,7 @@ def preset(name):
 # The run folder's record
 
 # what the folder's cells mean: a later run must agree on all of these
+FOLDER_ID = "folder_id"     # study.json's key of the folder's identity
 CORE = ("input_dim", "num_data", "test_size", "mode", "v_star", "lr", "epochs", "nonlinearity",
         "rounds", "num_masks", "reweighting", "importance_rule", "seed", "teacher_h_size")
 
@@ -304,10 +367,11 @@ def record(study):
 
 
 def from_record(data):
-    data = {k: v for k, v in data.items() if k != "teacher_h_size"}
+    data = {k: v for k, v in data.items() if k not in ("teacher_h_size", FOLDER_ID)}
     panels = tuple(Panel(p["student_h_size"], tuple(p["methods"]), tuple(p["node_budgets"]),
                          None if p["teacher_h_sizes"] is None else tuple(p["teacher_h_sizes"]))
                    for p in data.pop("panels"))
+    data["noise_levels"] = tuple(canonical_noise(x) for x in data["noise_levels"])
     return Study(panels=panels, **{k: tuple(v) if isinstance(v, list) else v
                                    for k, v in data.items()})
 
@@ -351,18 +415,22 @@ def merge(old, new, where):
 
 
 def claim_folder(study, out):
-    """The study that run folder `out` holds once `study` runs there (`merge` with what it
-    held), written to its study.json. A folder of an earlier release (preset.json) is read
-    as the preset it names."""
-    old = read_record(out)
+    """(study, folder id) of run folder `out` once `study` runs there: the study `merge`d
+    with what the folder held, and the folder's identity, a random token made with the
+    folder's record and kept for its life (a folder removed and made again at the same path
+    gets another, so that nothing cached for the old one is used for it). Both are written
+    to its study.json. A folder of an earlier release (preset.json) is read as the preset it
+    names."""
+    old, folder_id = _read_folder(out)
     if old is None:
         old = _read_preset_record(out)
     merged = study if old is None else merge(old, study, out)
-    if merged != old:
+    if merged != old or folder_id is None:
+        folder_id = folder_id or uuid.uuid4().hex
         from dpp_pruning.base.storage import atomic_open
         with atomic_open(os.path.join(out, RECORD), "w") as f:
-            json.dump(record(merged), f, indent=1)
-    return merged
+            json.dump(dict(record(merged), **{FOLDER_ID: folder_id}), f, indent=1)
+    return merged, folder_id
 
 
 def _read_preset_record(out):
@@ -389,13 +457,20 @@ def _read_preset_record(out):
         raise StudyError(f"{path} is not a preset record ({e}); use another --out") from None
 
 
-def read_record(out):
-    """The study recorded in a run folder (None if it has none)."""
+def _read_folder(out):
+    """(study, folder id) recorded in a run folder; (None, None) if it has no record, and
+    folder id None for a record written before folders had one."""
     path = os.path.join(out, RECORD)
     if not os.path.exists(path):
-        return None
+        return None, None
     try:
         with open(path) as f:
-            return from_record(json.load(f))
+            data = json.load(f)
+        return from_record(data), data.get(FOLDER_ID)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise StudyError(f"{path} is not a study record ({e}); use another --out") from None
+
+
+def read_record(out):
+    """The study recorded in a run folder (None if it has none)."""
+    return _read_folder(out)[0]

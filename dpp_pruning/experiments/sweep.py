@@ -35,6 +35,7 @@ from dpp_pruning.base.storage import (
     save_pickle,
     save_state_dict,
 )
+from dpp_pruning.experiments.study import edge_weights_exact, noise_name
 from dpp_pruning.pipeline import workflow
 from dpp_pruning.theory.order_params import order_parameters
 from dpp_sample_ts import KDPP, PRUNERS, edge_kernel
@@ -51,6 +52,18 @@ class RunFolderError(ValueError):
     """The run folder holds files of another study, seed or teacher."""
 
 
+class TrainingDiverged(ValueError):
+    """Online SGD of a data set's student ended with non-finite weights; one line."""
+
+
+@dataclass(frozen=True)
+class Folder:
+    """A run folder as the work units see it: its absolute path, and its identity (the
+    token of its study.json), which keys what a worker caches for it."""
+    path: str
+    id: str
+
+
 @dataclass(frozen=True)
 class Dataset:
     """One teacher and its data: student set s, noise level, teacher size (None: the study's
@@ -61,8 +74,8 @@ class Dataset:
 
     @property
     def folder(self):
-        return f"sigma_{self.noise:g}" + ("" if self.teacher_h_size is None
-                                          else f"_M{self.teacher_h_size}")
+        return f"sigma_{noise_name(self.noise)}" + ("" if self.teacher_h_size is None
+                                                    else f"_M{self.teacher_h_size}")
 
 
 @dataclass(frozen=True)
@@ -86,7 +99,10 @@ class Cell:
 
     @property
     def name(self):
-        return f"{self.group.name}_{self.method}_k{self.k}"
+        """Everything that tells this cell from another of its group: method, k and, for
+        edge methods (whose k may serve two node budgets), the node budget."""
+        nodes = f"_n{self.nodes_equivalent}" if PRUNERS[self.method].granularity == "edge" else ""
+        return f"{self.group.name}_{self.method}_k{self.k}{nodes}"
 
 
 @dataclass(frozen=True)
@@ -99,14 +115,15 @@ class Group:
     @property
     def name(self):
         d = self.dataset
-        return (f"sigma{d.noise:g}_K{self.student_h_size}"
+        return (f"sigma{noise_name(d.noise)}_K{self.student_h_size}"
                 + ("" if d.teacher_h_size is None else f"_M{d.teacher_h_size}")
                 + ("" if self.rescale else "_rescale0"))
 
 
 def edge_budget(nodes, input_dim, student_h_size):
-    """Weights per node e with K e + K = nodes (N + 1), rounded half up, within 1..N."""
-    e = math.floor((nodes * (input_dim + 1) - student_h_size) / student_h_size + 0.5)
+    """Weights per node e with K e + K = nodes (N + 1), rounded half up, within 1..N (a study
+    refuses budgets whose e would round to zero: study._check_edge_budget)."""
+    e = math.floor(edge_weights_exact(nodes, input_dim, student_h_size) + 0.5)
     return min(max(e, 1), input_dim)
 
 
@@ -346,7 +363,9 @@ def _make_teacher(study, dataset):
 
 def prepare_dataset(study, out, dataset):
     """Make (or reuse) the teacher of a dataset and the trained student of each of its
-    panels; record their seeds. Returns log lines."""
+    panels; record their seeds (seeds.json lists every student the folder holds for this
+    data set, also those of panels added later). Returns log lines. Raises RunFolderError
+    for a teacher of other settings, TrainingDiverged for a training that diverged."""
     _CACHE.clear()           # a worker holds one teacher at a time, also while making one
     lines = []
     path = teacher_path(out, dataset)
@@ -371,13 +390,27 @@ def prepare_dataset(study, out, dataset):
         student = workflow.train(teacher, panel.student_h_size, study.nonlinearity, study.mode,
                                  study.lr, study.epochs, 0.0,
                                  seeds[f"student_{panel.student_h_size}"])
+        if not all(np.isfinite(p.detach().numpy()).all() for p in student.parameters()):
+            raise TrainingDiverged(
+                f"training diverged (non-finite weights) for the student of K = "
+                f"{panel.student_h_size} on data set {os.path.dirname(spath)} (lr "
+                f"{study.lr:g}, v_star {study.v_star:g}, noise {dataset.noise:g}); use a "
+                "smaller lr or v_star")
         save_state_dict(student.state_dict(), spath)
-    # one record per data set, so that workers preparing data sets at once never share one
-    record = os.path.join(os.path.dirname(path), "seeds.json")
-    if not os.path.exists(record):
-        with atomic_open(record, "w") as f:
-            json.dump(seeds, f, indent=1, sort_keys=True)
+    _record_seeds(os.path.join(os.path.dirname(path), "seeds.json"), seeds)
     return lines
+
+
+def _record_seeds(path, seeds):
+    """Add `seeds` to the data set's seeds.json (one record per data set, so that workers
+    preparing data sets at once never share one); rewritten only when something is new."""
+    recorded = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            recorded = json.load(f)
+    if any(recorded.get(k) != v for k, v in seeds.items()):
+        with atomic_open(path, "w") as f:
+            json.dump(dict(recorded, **seeds), f, indent=1, sort_keys=True)
 
 
 @dataclass
@@ -390,19 +423,20 @@ class _Pruned:
     edge_samplers: list = None
 
 
-_CACHE = {}   # (run folder, seed, group) -> _Pruned
+_CACHE = {}   # (run folder's identity, group) -> _Pruned
 
 
-def _load(study, out, group):
-    """The group's _Pruned, cached per worker process and keyed by run folder, seed and
-    group: one teacher at a time (a worker never holds two data sets), with the students of
-    every group of that teacher's dataset. A teacher file that is not there (another
-    machine's disk, or removed by --keep_data 0) is made again from its seeds, bit-identically."""
-    folder = os.path.realpath(out)
-    key = (folder, study.seed, group)
+def _load(study, folder, group):
+    """The group's _Pruned, cached per worker process and keyed by the run folder's identity
+    and the group (a folder made again at the same path has another identity): one teacher
+    at a time (a worker never holds two data sets), with the students of every group of that
+    teacher's dataset. A teacher file that is not there (another machine's disk, or removed
+    by --keep_data 0) is made again from its seeds, bit-identically."""
+    out = folder.path
+    key = (folder.id, group)
     if key not in _CACHE:
-        teacher = next((v.teacher for (f, seed, g), v in _CACHE.items()
-                        if (f, seed, g.dataset) == (folder, study.seed, group.dataset)), None)
+        teacher = next((v.teacher for (f, g), v in _CACHE.items()
+                        if (f, g.dataset) == (folder.id, group.dataset)), None)
         if teacher is None:
             _CACHE.clear()
             path = teacher_path(out, group.dataset)
@@ -428,9 +462,9 @@ def _kernels(loaded, method):
     return loaded.edge_samplers
 
 
-def run_cell(study, out, cell):
+def run_cell(study, folder, cell):
     """Draw, test and store one cell; returns its path. Rounds share nothing but the student."""
-    loaded = _load(study, out, cell.group)
+    loaded = _load(study, folder, cell.group)
     teacher, unpruned, hgram = loaded.teacher, loaded.unpruned, loaded.hgram
     w1 = unpruned.w1.weight.detach().double().numpy()
     v = unpruned.w2.weight.detach().double().numpy().ravel()
@@ -452,7 +486,7 @@ def run_cell(study, out, cell):
             store[f"predicted_{tag}"] = workflow.predicted_loss(
                 teacher, result.weights, result.outs, study.nonlinearity)
             store[f"eq_{tag}"], store[f"er_{tag}"] = eq.mean(axis=0), er.mean(axis=0)
-    path = cell_path(out, cell)
+    path = cell_path(folder.path, cell)
     with atomic_open(path) as f:
         np.savez(f, meta=json.dumps(asdict(cell)), **store)
     return path
@@ -474,30 +508,45 @@ def specialisation(r, v):
     return counts, summed, effective
 
 
-def run_group(study, out, group):
+def expectation_methods(panel):
+    """The methods whose expectations a panel's group computes: the panel's own, and every
+    method but dpp_edge (cheap: exact sums and marginals), whatever the panel simulates, so
+    that claims can compare methods at budgets the panel does not sample (docs/studies.md)."""
+    return [m for m in ALL_METHODS if m in EXPECTED_ALWAYS or m in panel.methods]
+
+
+def group_panel(study, group):
+    return next(p for p in panels_of(study, group.dataset)
+                if p.student_h_size == group.student_h_size)
+
+
+def group_rows(study, group):
+    """The (method index, k, nodes kept, reweighting) rows a group's file must hold."""
+    panel = group_panel(study, group)
+    return [(ALL_METHODS.index(method), budget(method, nodes, study.input_dim,
+                                              panel.student_h_size), nodes, rw)
+            for method in expectation_methods(panel) for nodes in panel.node_budgets
+            for rw in study.reweighting]
+
+
+def run_group(study, folder, group):
     """Expected test loss of every method at every budget of the group's panel, with and
-    without reweighting (NaN where none is derived), and the student's specialisation."""
-    loaded = _load(study, out, group)
+    without reweighting (NaN where none is derived), and the student's specialisation. The
+    study is the run folder's record, so that a grown panel's group covers all its cells."""
+    loaded = _load(study, folder, group)
     teacher, unpruned, hgram = loaded.teacher, loaded.unpruned, loaded.hgram
-    panel = next(p for p in panels_of(study, group.dataset)
-                 if p.student_h_size == group.student_h_size)
-    methods = [m for m in ALL_METHODS if m in EXPECTED_ALWAYS or m in panel.methods]
     rows = []
-    for method in methods:
-        for nodes in panel.node_budgets:
-            k = budget(method, nodes, study.input_dim, panel.student_h_size)
-            for rw in study.reweighting:
-                found = workflow.expected_test_loss(teacher, unpruned, method, k, bool(rw), hgram,
-                                                    study.importance_rule,
-                                                    _kernels(loaded, method))
-                rows.append((ALL_METHODS.index(method), k, nodes, rw)
-                            + ((np.nan,) * 3 if found is None
-                               else (found.value, found.first_order, found.sd)))
+    for m, k, nodes, rw in group_rows(study, group):
+        method = ALL_METHODS[m]
+        found = workflow.expected_test_loss(teacher, unpruned, method, k, bool(rw), hgram,
+                                            study.importance_rule, _kernels(loaded, method))
+        rows.append((m, k, nodes, rw) + ((np.nan,) * 3 if found is None
+                                         else (found.value, found.first_order, found.sd)))
     w1 = unpruned.w1.weight.detach().double().numpy()
     v = unpruned.w2.weight.detach().double().numpy().ravel()
     _, r, _ = order_parameters(w1, teacher.w1.numpy())
     counts, summed, effective = specialisation(r, v)
-    path = group_path(out, group)
+    path = group_path(folder.path, group)
     with atomic_open(path) as f:
         np.savez(f, meta=json.dumps(asdict(group)), rows=np.array(rows, dtype=np.float64),
                  counts=counts, summed=summed,
