@@ -13,12 +13,19 @@ projection DPP:
    the elementary symmetric polynomials e_l being computed in log space;
 2. draw from the projection DPP onto the chosen orthonormal columns V (n, k), picking one
    item at a time with probability proportional to its squared residual row norm, which
-   is clipped at zero and renormalised at every step (the rounding fix that dppy 0.3.3
-   needs patched into site-packages; nothing to patch here).
+   is clipped at zero (a drawn item's set to exactly zero) and renormalised at every step
+   (the rounding fix that dppy 0.3.3 needs patched into site-packages; nothing to patch
+   here).
 When k > n/2 step 2 instead draws the complement: eigh returns a complete orthonormal
 basis, the projection DPP onto the n - k unchosen eigenvectors has kernel I - V Vᵀ, and its
 sample is exactly the complement of a sample of the projection DPP onto V. A draw costs
 O(n min(k, n - k)²) after one O(n³) eigendecomposition, which KDPP keeps across draws.
+Step 2 updates the residual norms lazily (_draw_projection): a step reads only the rows
+that its running sum passes, and a block of rows catches up on the steps it missed in one
+small matrix-matrix product, where updating every row at every step would be one
+matrix-vector product per step. The draws are those of the row-by-row chain rule
+(tests/reference.py) up to rounding: the normaliser is d - t, what the residual norms sum
+to in exact arithmetic, where the row-by-row rule sums the rounded norms.
 
 Tolerances, relative to the largest eigenvalue magnitude λ_max:
 - eigenvalues in [-NEG_RTOL·λ_max, n·eps·λ_max] become exactly zero: the upper end is the
@@ -123,8 +130,11 @@ def eigvec_keep_probabilities(eigvals, k):
     return np.exp(log_p)
 
 
+@numba.njit(cache=True)
 def choose_eigvecs(keep_prob, u):
-    """keep_prob (k, r) from eigvec_keep_probabilities, u (r,) uniform -> (k,) chosen columns."""
+    """keep_prob (k, r) from eigvec_keep_probabilities, u (r,) uniform -> (k,) chosen columns,
+    ascending: walk m = r-1..0, keep m when u[m] < keep_prob[left - 1, m], left = k still to
+    choose."""
     k, r = keep_prob.shape
     chosen = np.empty(k, dtype=np.int64)
     left = k
@@ -137,53 +147,206 @@ def choose_eigvecs(keep_prob, u):
     return chosen
 
 
-@numba.njit(cache=True, fastmath={"reassoc", "contract"})
-def sample_projection_dpp(V, u):
-    """V (n, d) C-contiguous orthonormal columns, u (d,) uniforms in [0, 1)
-    -> (d,) int64 draw of the projection DPP with kernel V Vᵀ, in the order drawn.
+ROW_BLOCK = 4  # rows whose deferred updates are applied together (_catch_up is written for 4)
+_FASTMATH = {"reassoc", "contract"}
 
-    Chain rule with Gram-Schmidt on the rows of V: column t of C (n, d) is the t-th
-    orthonormalised kernel column, norms (n,) the squared residual row norms, i.e. the
-    conditional inclusion weights, clipped at zero against rounding. Item j is drawn where
-    the running sum of the positive weights first exceeds u[t] times their total; should
-    rounding leave the sum short of that, the last positive weight is drawn (it owns the top
-    of the interval), so a zero weight is never drawn.
-    """
-    n, d = V.shape
-    norms = np.empty(n)
-    for i in range(n):
-        s = 0.0
-        for a in range(d):
-            s += V[i, a] * V[i, a]
-        norms[i] = s
-    C = np.empty((n, d))
-    picked = np.empty(d, dtype=np.int64)
+
+@numba.njit(cache=True, fastmath=_FASTMATH)
+def _catch_up(first, t, V, Q, C, norms, done, picked):
+    """Apply the chain rule's steps done[block]..t-1 to the rows first..first+3 of one block:
+    C[i, a] = V[i]·Q[a], the conditional kernel's entry (i, j_a) over sqrt of its diagonal,
+    and norms[i] <- max(norms[i] - C[i, a]², 0) step by step, norms[j_a] <- 0 at step a.
+    The products are a (4, d) x (d, steps) matrix product, two steps at a time."""
+    block = first // ROW_BLOCK
+    start = done[block]
+    if start >= t:
+        return
+    d = V.shape[1]
+    i = first
+    a = start
+    while a + 1 < t:
+        s0 = 0.0
+        s1 = 0.0
+        s2 = 0.0
+        s3 = 0.0
+        r0 = 0.0
+        r1 = 0.0
+        r2 = 0.0
+        r3 = 0.0
+        for e in range(d):
+            q = Q[a, e]
+            p = Q[a + 1, e]
+            v0 = V[i, e]
+            v1 = V[i + 1, e]
+            v2 = V[i + 2, e]
+            v3 = V[i + 3, e]
+            s0 += v0 * q
+            s1 += v1 * q
+            s2 += v2 * q
+            s3 += v3 * q
+            r0 += v0 * p
+            r1 += v1 * p
+            r2 += v2 * p
+            r3 += v3 * p
+        C[i, a], C[i + 1, a], C[i + 2, a], C[i + 3, a] = s0, s1, s2, s3
+        C[i, a + 1], C[i + 1, a + 1], C[i + 2, a + 1], C[i + 3, a + 1] = r0, r1, r2, r3
+        a += 2
+    if a < t:
+        s0 = 0.0
+        s1 = 0.0
+        s2 = 0.0
+        s3 = 0.0
+        for e in range(d):
+            q = Q[a, e]
+            s0 += V[i, e] * q
+            s1 += V[i + 1, e] * q
+            s2 += V[i + 2, e] * q
+            s3 += V[i + 3, e] * q
+        C[i, a], C[i + 1, a], C[i + 2, a], C[i + 3, a] = s0, s1, s2, s3
+    for row in range(i, i + ROW_BLOCK):
+        w = norms[row]
+        for a in range(start, t):
+            w = max(w - C[row, a] * C[row, a], 0.0)
+            if picked[a] == row:
+                w = 0.0
+        norms[row] = w
+    done[block] = t
+
+
+@numba.njit(cache=True, fastmath=_FASTMATH)
+def _draw_projection(V, u, C, Q, norms, done, picked):
+    """Fill picked (d,) with a draw of the projection DPP with kernel V Vᵀ, in the order
+    drawn. V (m, d) orthonormal columns, m a multiple of ROW_BLOCK (trailing zero rows are
+    never drawn); u (d,) uniforms; C (m, d), Q (d, d), norms (m,), done (m / ROW_BLOCK,)
+    work space.
+
+    Chain rule: at step t the item j is drawn with probability norms[j] / (d - t), norms the
+    squared residual row norms (clipped at zero; in exact arithmetic Σ norms = d - t, the
+    trace of the projection still to draw); then Gram-Schmidt in the d coordinates,
+    Q[t] = q_t = (V[j] - Σ_{a<t} C[j, a] Q[a]) / sqrt(norms[j]), C[:, t] = V q_t and
+    norms -= C[:, t]², norms[j] = 0. Item j is where the running sum of the positive
+    weights first exceeds u[t] (d - t); should rounding leave the sum short, the last
+    positive weight is drawn (it owns the top of the interval), so a zero weight never is.
+    The sum runs from the front when u[t] < 1/2, and otherwise from the back, to the first
+    item whose suffix sum reaches (1 - u[t]) (d - t): the same item, ties included. Rows are
+    brought up to date only when a sum reaches them, a block of ROW_BLOCK rows at a time,
+    with all the steps they missed at once (_catch_up)."""
+    m, d = V.shape
+    for i in range(m):
+        w = 0.0
+        for e in range(d):
+            w += V[i, e] * V[i, e]
+        norms[i] = w
+    done[:] = 0
+    picked[:] = -1
+    blocks = m // ROW_BLOCK
     for t in range(d):
-        total = 0.0
-        for i in range(n):
-            total += norms[i]
-        target = u[t] * total
-        running = 0.0
+        left = float(d - t)
         j = -1
-        for i in range(n):
-            if norms[i] > 0.0:
-                j = i
-                running += norms[i]
-                if running > target:
+        running = 0.0
+        found = False
+        if u[t] < 0.5:
+            target = u[t] * left
+            for block in range(blocks):
+                first = block * ROW_BLOCK
+                _catch_up(first, t, V, Q, C, norms, done, picked)
+                for i in range(first, first + ROW_BLOCK):
+                    if norms[i] > 0.0:
+                        j = i
+                        running += norms[i]
+                        if running > target:
+                            found = True
+                            break
+                if found:
+                    break
+        else:
+            target = left - u[t] * left
+            for block in range(blocks - 1, -1, -1):
+                first = block * ROW_BLOCK
+                _catch_up(first, t, V, Q, C, norms, done, picked)
+                for i in range(first + ROW_BLOCK - 1, first - 1, -1):
+                    if norms[i] > 0.0:
+                        j = i
+                        running += norms[i]
+                        if running >= target:
+                            found = True
+                            break
+                if found:
                     break
         picked[t] = j
         inv_norm = 1.0 / np.sqrt(norms[j])
-        for i in range(n):
-            s = 0.0
-            for a in range(d):
-                s += V[i, a] * V[j, a]
-            for a in range(t):
-                s -= C[i, a] * C[j, a]
-            c = s * inv_norm
-            C[i, t] = c
-            norms[i] = max(norms[i] - c * c, 0.0)
-        norms[j] = 0.0
+        q = Q[t]
+        for e in range(d):
+            q[e] = V[j, e]
+        a = 0
+        while a + 3 < t:
+            x0, x1, x2, x3 = C[j, a], C[j, a + 1], C[j, a + 2], C[j, a + 3]
+            for e in range(d):
+                q[e] -= x0 * Q[a, e] + x1 * Q[a + 1, e] + x2 * Q[a + 2, e] + x3 * Q[a + 3, e]
+            a += 4
+        while a < t:
+            x0 = C[j, a]
+            for e in range(d):
+                q[e] -= x0 * Q[a, e]
+            a += 1
+        for e in range(d):
+            q[e] *= inv_norm
+
+
+def sample_projection_dpp(V, u):
+    """V (n, d) orthonormal columns, u (d,) uniforms in [0, 1) -> (d,) int64 draw of the
+    projection DPP with kernel V Vᵀ, in the order drawn (see _draw_projection)."""
+    n, d = V.shape
+    m = -(-n // ROW_BLOCK) * ROW_BLOCK
+    padded = np.zeros((m, d))
+    padded[:n] = V
+    picked = np.empty(d, dtype=np.int64)
+    _draw_projection(padded, np.asarray(u, dtype=np.float64), np.empty((m, d)),
+                     np.empty((d, d)), np.empty(m), np.empty(m // ROW_BLOCK, np.int64), picked)
     return picked
+
+
+@numba.njit(cache=True)
+def _sample_kdpp(eigvecs, support, keep_prob, u):
+    """Draws of the k-DPP with eigenvectors eigvecs (n, n), support (r,) the columns with
+    nonzero eigenvalue, keep_prob (k, r); u (num, r + d), d = min(k, n - k): row b's first
+    r uniforms choose its eigenvectors (choose_eigvecs), the other d drive the projection
+    DPP onto the chosen columns, or for k > n/2 onto the unchosen ones, whose draw is the
+    complement. -> (num, k) int64, rows sorted. The work space is shared by the draws."""
+    n = eigvecs.shape[0]
+    k, r = keep_prob.shape
+    num = u.shape[0]
+    complement = 2 * k > n
+    d = n - k if complement else k
+    m = (n + ROW_BLOCK - 1) // ROW_BLOCK * ROW_BLOCK
+    V = np.zeros((m, d))
+    C = np.empty((m, d))
+    Q = np.empty((d, d))
+    norms = np.empty(m)
+    done = np.empty(m // ROW_BLOCK, dtype=np.int64)
+    picked = np.empty(d, dtype=np.int64)
+    columns = np.empty(d, dtype=np.int64)
+    member = np.empty(n, dtype=np.bool_)
+    out = np.empty((num, k), dtype=np.int64)
+    for b in range(num):
+        chosen = support[choose_eigvecs(keep_prob, u[b, :r])]
+        if complement:
+            member[:] = True
+            member[chosen] = False
+            columns[:] = np.flatnonzero(member)
+        else:
+            columns[:] = chosen
+        for i in range(n):
+            for a in range(d):
+                V[i, a] = eigvecs[i, columns[a]]
+        _draw_projection(V, u[b, r:], C, Q, norms, done, picked)
+        if complement:
+            member[:] = True
+            member[picked] = False
+            out[b] = np.flatnonzero(member)
+        else:
+            out[b] = np.sort(picked)
+    return out
 
 
 class KDPP:
@@ -208,7 +371,7 @@ class KDPP:
     def _set_eig(self, eigvals, eigvecs):
         self.n = eigvals.size
         self.eigvals = eigvals  # (n,)
-        self.eigvecs = eigvecs  # (n, n)
+        self.eigvecs = np.ascontiguousarray(eigvecs)  # (n, n)
         self._support = np.flatnonzero(eigvals > 0)  # (r,) columns with nonzero eigenvalue
         self._keep_prob = {}  # k -> (k, r)
 
@@ -237,31 +400,17 @@ class KDPP:
 
     def sample(self, k, rng):
         """One draw: sorted (k,) int64 indices; rng a numpy Generator."""
-        k = self.check_k(k)
-        if k == 0:
-            return np.empty(0, dtype=np.int64)
-        u = rng.random(self.rank)  # (r,)
-        chosen = self._support[choose_eigvecs(self._keep_probabilities(k), u)]  # (k,)
-        if 2 * k <= self.n:
-            return np.sort(self._sample_projection(chosen, rng))
-        unchosen = np.ones(self.n, dtype=bool)
-        unchosen[chosen] = False
-        keep = np.ones(self.n, dtype=bool)
-        keep[self._sample_projection(np.flatnonzero(unchosen), rng)] = False
-        return np.flatnonzero(keep).astype(np.int64, copy=False)
-
-    def _sample_projection(self, columns, rng):
-        """columns (d,) of eigvecs -> (d,) draw of the projection DPP onto them."""
-        V = np.ascontiguousarray(self.eigvecs[:, columns])  # (n, d)
-        return sample_projection_dpp(V, rng.random(columns.size))
+        return self.sample_many(k, 1, rng)[0]
 
     def sample_many(self, k, num, rng):
-        """num independent draws -> (num, k) int64, each row sorted."""
+        """num independent draws -> (num, k) int64, each row sorted. Draw b takes the uniforms
+        rng.random(rank) then rng.random(min(k, n - k)), in that order, after draw b - 1's
+        (one rng.random((num, rank + min(k, n - k))) call); nothing when k = 0."""
         k = self.check_k(k)
-        out = np.empty((num, k), dtype=np.int64)
-        for i in range(num):
-            out[i] = self.sample(k, rng)
-        return out
+        if k == 0 or num == 0:
+            return np.empty((num, k), dtype=np.int64)
+        u = rng.random((num, self.rank + min(k, self.n - k)))
+        return _sample_kdpp(self.eigvecs, self._support, self._keep_probabilities(k), u)
 
 
 def sampler(kernel):

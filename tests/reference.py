@@ -1,10 +1,13 @@
 """Slow reference implementations of the original code's approach: one Python iteration per
 sample, autograd one sample at a time, kernels from materialised P x N products, P x |S|
-least-squares fits, dppy draws. Correct and slow on purpose, sized by their callers: the
-equivalence tests here and benchmarks/run.py (which puts this folder on its path). Not used
-by the scripts."""
+least-squares fits, dppy draws; and the k-DPP chain rule one draw and one full row update
+at a time, which the sampler of dpp_sample_ts must reproduce draw for draw. Correct and slow
+on purpose, sized by their callers: the equivalence tests here and in test_kdpp.py,
+benchmarks/run.py and benchmarks/kdpp_batch.py (which put this folder on their path). Not
+used by the scripts."""
 import math
 
+import numba
 import numpy as np
 import torch
 from torch import nn
@@ -172,6 +175,94 @@ def reference_kdpp_draws(L, k, num, seed=None):
             dpp = None
     out = np.array(draws, dtype=np.int64).reshape(len(draws), k)
     return out, failures
+
+
+def reference_choose_eigvecs(keep_prob, u):
+    """keep_prob (k, r) from dpp_sample_ts.eigvec_keep_probabilities, u (r,) uniform
+    -> (k,) chosen columns: walk m = r-1..0, keep m when u[m] < keep_prob[left - 1, m]."""
+    k, r = keep_prob.shape
+    chosen = np.empty(k, dtype=np.int64)
+    left = k
+    for m in range(r - 1, -1, -1):
+        if left == 0:
+            break
+        if u[m] < keep_prob[left - 1, m]:
+            left -= 1
+            chosen[left] = m
+    return chosen
+
+
+@numba.njit(cache=True, fastmath={"reassoc", "contract"})
+def reference_projection_dpp(V, u):
+    """V (n, d) C-contiguous orthonormal columns, u (d,) uniforms -> (d,) int64 draw of the
+    projection DPP with kernel V Vᵀ, in the order drawn.
+
+    The chain rule with every row updated at every step: column t of C (n, d) is
+    (V V[j]ᵀ - C[:, :t] C[j, :t]ᵀ) / sqrt(norms[j]), norms (n,) the squared residual row
+    norms, clipped at zero; item j is where the running sum of the positive weights first
+    exceeds u[t] times their sum (the last positive weight if rounding leaves it short)."""
+    n, d = V.shape
+    norms = np.empty(n)
+    for i in range(n):
+        s = 0.0
+        for a in range(d):
+            s += V[i, a] * V[i, a]
+        norms[i] = s
+    C = np.empty((n, d))
+    picked = np.empty(d, dtype=np.int64)
+    for t in range(d):
+        total = 0.0
+        for i in range(n):
+            total += norms[i]
+        target = u[t] * total
+        running = 0.0
+        j = -1
+        for i in range(n):
+            if norms[i] > 0.0:
+                j = i
+                running += norms[i]
+                if running > target:
+                    break
+        picked[t] = j
+        inv_norm = 1.0 / np.sqrt(norms[j])
+        for i in range(n):
+            s = 0.0
+            for a in range(d):
+                s += V[i, a] * V[j, a]
+            for a in range(t):
+                s -= C[i, a] * C[j, a]
+            c = s * inv_norm
+            C[i, t] = c
+            norms[i] = max(norms[i] - c * c, 0.0)
+        norms[j] = 0.0
+    return picked
+
+
+def reference_kdpp_sample_many(kdpp, k, num, rng):
+    """`num` k-DPP draws one at a time from a dpp_sample_ts.KDPP's eigendecomposition and
+    cached eigenvector keep probabilities -> (num, k) int64, rows sorted. Per draw:
+    rng.random(r) chooses the eigenvectors (r = rank), rng.random(d) drives
+    reference_projection_dpp onto d = min(k, n - k) columns: the chosen ones, or for k > n/2
+    the unchosen ones, whose draw is the complement."""
+    n = kdpp.n
+    support = np.flatnonzero(kdpp.eigvals > 0)                                # (r,)
+    out = np.empty((num, k), dtype=np.int64)
+    if k == 0:
+        return out
+    keep_prob = kdpp._keep_probabilities(k)                                 # (k, r)
+    for b in range(num):
+        chosen = support[reference_choose_eigvecs(keep_prob, rng.random(support.size))]
+        if 2 * k <= n:
+            V = np.ascontiguousarray(kdpp.eigvecs[:, chosen])               # (n, k)
+            out[b] = np.sort(reference_projection_dpp(V, rng.random(k)))
+            continue
+        unchosen = np.ones(n, dtype=bool)
+        unchosen[chosen] = False
+        V = np.ascontiguousarray(kdpp.eigvecs[:, unchosen])                 # (n, n - k)
+        keep = np.ones(n, dtype=bool)
+        keep[reference_projection_dpp(V, rng.random(n - k))] = False
+        out[b] = np.flatnonzero(keep)
+    return out
 
 
 def reference_reweight_edges(w1, mask, inputs):

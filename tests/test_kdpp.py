@@ -1,5 +1,6 @@
 """Exact k-DPP sampler: draws against brute-force enumeration, rounding, failures."""
 
+import itertools
 import json
 import os
 import platform
@@ -23,6 +24,7 @@ from dpp_sample_ts import (
     exact_subset_probabilities,
     sample_projection_dpp,
 )
+from reference import reference_kdpp_sample_many, reference_projection_dpp
 
 NUM_DRAWS = 6000
 
@@ -39,6 +41,36 @@ def low_rank_kernel(n, r, seed):
     rng = np.random.default_rng(seed)
     B = rng.standard_normal((n, r)) * rng.uniform(0.3, 2.0, size=(n, 1))
     return B @ B.T, B
+
+
+def edge_like_kernel(n, seed):
+    """A small dpp_edge kernel: diag(w) G diag(w), G = XᵀX / P close to I (X (P, n) Gaussian,
+    P = 50 n), w (n,) Gaussian rescaled to norm √n."""
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((50 * n, n))
+    w = rng.standard_normal(n)
+    w *= np.sqrt(n) / np.linalg.norm(w)
+    return (X.T @ X / (50 * n)) * np.outer(w, w)
+
+
+def chi_square(draws, probs):
+    """Pearson's chi-square of the subsets drawn (num, k) against {subset: probability}:
+    cells with expected count below 5 are pooled into one. -> (statistic, dof, p-value)."""
+    num = len(draws)
+    counts = Counter(map(tuple, draws.tolist()))
+    subsets = sorted(set(probs) | set(counts))
+    expected = np.array([probs.get(s, 0.0) for s in subsets]) * num    # (s,)
+    observed = np.array([counts[s] for s in subsets], dtype=float)       # (s,)
+    small = expected < 5
+    f_exp = np.append(expected[~small], expected[small].sum())
+    f_obs = np.append(observed[~small], observed[small].sum())
+    if f_exp[-1] == 0:
+        if f_obs[-1] > 0:                                                 # drawn, impossible
+            return np.inf, len(f_exp) - 1, 0.0
+        f_exp, f_obs = f_exp[:-1], f_obs[:-1]
+    statistic = float(np.sum((f_obs - f_exp) ** 2 / f_exp))
+    dof = len(f_exp) - 1
+    return statistic, dof, float(stats.chi2.sf(statistic, dof))
 
 
 def assert_matches_exact(draws, L):
@@ -90,6 +122,104 @@ def test_rank_deficient_matches_det_of_B(n, r, k):
     draws = kdpp.sample_many(k, NUM_DRAWS, np.random.default_rng(k))
     assert not np.any(draws == 0)
     assert_matches_exact(draws, L)
+
+
+CHI2_DRAWS = 20000
+
+
+@pytest.mark.parametrize("n, r, k", [(6, 6, 3), (7, 7, 2), (7, 7, 5), (8, 8, 4), (8, 8, 6),
+                                     (8, 5, 3), (8, 6, 5)])
+def test_subset_frequencies_chi_square(n, r, k):
+    """CHI2_DRAWS draws of sample_many against the brute-force subset probabilities, full rank
+    (r = n) and rank-deficient (r < n; k = 5 > n/2 draws the complement, which then holds
+    eigenvectors of eigenvalue 0). The same counts must reject the distribution that ignores
+    the correlations, P(S) ∝ Π_{i∈S} L_ii, which a sampler without the Gram-Schmidt step
+    would come close to: the test has the power to see a wrong sampler."""
+    if r == n:
+        L = spectral_kernel(np.geomspace(0.1, 10.0, n), seed=20 + n + k)
+    else:
+        L, _ = low_rank_kernel(n, r, seed=20 + n + k)
+    draws = KDPP(L).sample_many(k, CHI2_DRAWS, np.random.default_rng(30 + n + k))
+    statistic, dof, pvalue = chi_square(draws, exact_subset_probabilities(L, k))
+    assert pvalue > 1e-3, (statistic, dof, pvalue)
+    diag = np.diag(np.diag(L))
+    _, _, p_wrong = chi_square(draws, exact_subset_probabilities(diag, k))
+    assert p_wrong < 1e-9
+
+
+def draw_kernel(kind, n, seed):
+    if kind == "full":
+        return spectral_kernel(np.geomspace(0.05, 20.0, n), seed=seed)
+    if kind == "rank_deficient":
+        return low_rank_kernel(n, 30, seed=seed)[0]
+    return edge_like_kernel(n, seed=seed)
+
+
+@pytest.mark.parametrize("num", [1, 2, 37])
+@pytest.mark.parametrize("kind, k", [("full", 3), ("full", 21), ("full", 22), ("full", 35),
+                                     ("full", 41), ("rank_deficient", 3),
+                                     ("rank_deficient", 21), ("rank_deficient", 22),
+                                     ("rank_deficient", 30), ("edge", 3), ("edge", 21),
+                                     ("edge", 22), ("edge", 35)])
+def test_draws_equal_one_at_a_time_reference(kind, k, num):
+    """sample_many equals the sampler that draws one subset at a time and updates every row
+    at every step (tests/reference.py), given the same generator: the same uniforms in the
+    same order, the same decisions. n = 42 (not a multiple of the row block); k small, n/2,
+    just above n/2 (the complement) and large; rank 30 for the rank-deficient kernel."""
+    n = 42
+    for seed in range(4):
+        kdpp = KDPP(draw_kernel(kind, n, seed))
+        ours = kdpp.sample_many(k, num, np.random.default_rng(seed))
+        theirs = reference_kdpp_sample_many(kdpp, k, num, np.random.default_rng(seed))
+        np.testing.assert_array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("k", [17, 101, 150])
+def test_edge_kernel_draws_equal_reference_at_larger_n(k):
+    n = 203
+    for seed in range(2):
+        kdpp = KDPP(edge_like_kernel(n, seed=40 + seed))
+        rng = np.random.default_rng(seed)
+        ours = kdpp.sample_many(k, 6, rng)
+        tail = rng.random(3)                                  # the generator is left where
+        rng = np.random.default_rng(seed)                     # the reference leaves it
+        np.testing.assert_array_equal(ours, reference_kdpp_sample_many(kdpp, k, 6, rng))
+        np.testing.assert_array_equal(tail, rng.random(3))
+
+
+def test_sample_many_equals_repeated_sample():
+    kdpp = KDPP(edge_like_kernel(30, seed=50))
+    for k in (4, 15, 16, 26):
+        rng = np.random.default_rng(k)
+        one_by_one = np.stack([kdpp.sample(k, rng) for _ in range(9)])
+        np.testing.assert_array_equal(one_by_one,
+                                      kdpp.sample_many(k, 9, np.random.default_rng(k)))
+
+
+def test_extreme_uniforms_never_draw_an_item_twice():
+    """u = 0 draws the first item of positive weight, u just below 1 the last: a drawn item's
+    weight must be exactly zero afterwards, not a rounding residue, or it is drawn again."""
+    rng = np.random.default_rng(60)
+    top = np.nextafter(1.0, 0.0)
+    for _ in range(20):
+        V = np.linalg.qr(rng.standard_normal((30, 12)))[0]                # (30, 12)
+        for u in (np.zeros(12), np.full(12, top), np.resize([0.0, top], 12)):
+            ours = sample_projection_dpp(V, u)
+            assert np.unique(ours).size == 12
+            np.testing.assert_array_equal(ours, reference_projection_dpp(V, u))
+
+
+def test_ties_are_broken_as_one_at_a_time():
+    """A projection onto coordinate axes has weights exactly 1 and 0, so u (d - t) lands on
+    the boundaries of the running sum: the item drawn is the one the one-at-a-time rule
+    draws (the first whose running sum exceeds the target), whichever end the sum runs from."""
+    n, axes = 11, [1, 4, 5, 9]
+    V = np.zeros((n, len(axes)))
+    V[axes, range(len(axes))] = 1.0
+    for u in itertools.product([0.0, 0.25, 1 / 3, 0.5, 2 / 3, 0.75], repeat=len(axes)):
+        u = np.array(u)
+        np.testing.assert_array_equal(sample_projection_dpp(V, u),
+                                      reference_projection_dpp(V, u))
 
 
 def test_rank_below_k_raises():
@@ -251,6 +381,7 @@ def test_exact_inclusion_probabilities_sum_to_k():
 
 
 DRAW_SCRIPT = """
+import itertools
 import json
 import numpy as np
 import threadpoolctl
