@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.integrate import solve_ivp
 
-from dpp_pruning.base.data import generate_teacher
+from dpp_pruning.base.data import generate_teacher, teacher_weights
 from dpp_pruning.pipeline import workflow
 from dpp_pruning.theory import order_param_odes as ode
 from dpp_pruning.theory.order_params import generalisation_error
@@ -235,9 +235,10 @@ def test_ode_agrees_with_simulation_at_n_200(small_teacher):
 
 def paper_start(k, seed=1, n=500, m=2):
     """Q0 (k, k), R0 (k, m), T (m, m), v0 (k,) of the student the simulation starts from
-    (`workflow.initial_student`: both layers ~ N(0, 1)) against a teacher w* (m, n) ~ N(0, 1)."""
+    (`workflow.initial_student`: both layers ~ N(0, 1)) against the teacher w* (m, n) ~ N(0, 1)
+    that `generate_teacher` draws first for the same seed: the start of notebook 5's runs."""
     student = workflow.initial_student(n, k, "sigmoid", "normal", seed)
-    w_star = torch.randn(m, n, generator=torch.Generator().manual_seed(1000 + seed))
+    w_star, _ = teacher_weights(n, m, "normal", 4.0, torch.Generator().manual_seed(seed))
     return ode.initial_conditions(student.w1.weight.detach().double().numpy(),
                                   student.w2.weight.detach().double().numpy(),
                                   w_star.double().numpy())
