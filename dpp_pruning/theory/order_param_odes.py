@@ -26,13 +26,13 @@ and every average is a sum over u of four Gaussian integrals with closed forms (
     <g'(lambda_i) g'(lambda_k) Delta^2>  = sum_cd u_c u_d I4(i, k, c, d).
 
 Right-hand side: `rates`, one compiled function of the state vector (Q's upper triangle, R, v;
-`pack`, `unpack`) without numpy temporaries: the I2, I3 and J2 sums in O(K L^2), and the I4
+`pack`, `unpack`) in explicit loops: the I2, I3 and J2 sums in O(K L^2), and the I4
 sum, the costly one, in `delta_sq_average`: O(K^2 L^2) terms, over i <= l and c <= d only,
 with what depends on one field computed once and the innermost loop running over the
 K (K + 1) / 2 student pairs with a branch-free arcsin (`asin`), so that it vectorises. It
 equals the previous formulation (numpy closed forms and a scalar I4 loop) to ~1e-15 relative
-(tested to 1e-12). At the paper's settings one evaluation costs ~6 us for K = 6 and ~90 us
-for K = 20, about 10 and 8 times less than before (benchmarks/ode_speed.py).
+(tested to 1e-12). At the paper's settings one evaluation costs 5.5 us for K = 6 and 84 us
+for K = 20, 11 and 8 times less than before (benchmarks/ode_speed.py).
 
 Integrator: scipy's adaptive Dormand-Prince 5(4) embedded Runge-Kutta pair (`RK45`). The
 pair's embedded fourth-order solution estimates the local error of every step; a step is
@@ -40,19 +40,18 @@ accepted only when that error is below atol + rtol |y| in every component, and t
 size follows from it. Adaptive because the time scales change by orders of magnitude along one
 run: at the paper's settings (K = 6, eta = 0.5, v* = 4) the accepted steps grow from 0.005 in
 alpha at the start, where the loss falls from ~10 within alpha ~ 1, to ~1 on the plateau and
-during the slow convergence (1398 steps, 8390 evaluations up to alpha = 1600, 0.09 s; K = 20:
-1531 steps, 9194 evaluations, 0.9 s, on one core of a 2-core machine); a fixed step small
+during the slow convergence (1369 steps, 8216 evaluations up to alpha = 1600, 0.09 s; K = 20:
+1521 steps, 9128 evaluations, 0.86 s, on one core of a 2-core machine); a fixed step small
 enough for the start would cost hundreds of times more. Beyond the first few units of alpha
 the steps are held by the stability of the explicit scheme rather than by the tolerance (the
 Jacobian's eigenvalues reach -1.5 for K = 6, -2.2 for K = 20), so a higher-order pair does
-not pay: DOP853 needed about as many evaluations (6734 and 8846), and its dense output erred
-by up to 5e-6 relative between steps (K = 6, sigma = 0.25, frozen v) where RK45's stayed
-within 2e-7. The outputs at the
-requested alphas come from the pair's dense (interpolating) output. Defaults rtol = 1e-8,
-atol = 1e-10 are far below the O(1/sqrt N) asymmetries that decide the specialisation; the
-tests check that tightening both tenfold changes the curve by far less than the finite-N
-fluctuations, and that the final Q, R, v agree with the previous integration at 100 times
-tighter tolerances to 1e-7 relative.
+not pay: DOP853 needed about as many evaluations (6938 and 9050), and its dense output erred
+more between steps (K = 6, sigma = 0.25, frozen v: up to 8e-7 relative, RK45's 1.5e-7). The
+outputs at the requested alphas come from the pair's dense (interpolating) output. Defaults
+rtol = 1e-8, atol = 1e-10 are far below the O(1/sqrt N) asymmetries that decide the
+specialisation; the tests check that tightening both tenfold changes the curve by far less
+than the finite-N fluctuations, and that the final Q, R, v agree with the previous
+integration at 100 times tighter tolerances to 1e-7 relative.
 """
 import math
 import time
