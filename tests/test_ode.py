@@ -1,12 +1,15 @@
 """The order-parameter ODEs: closed-form Gaussian averages, right-hand side against SGD steps,
 integration against simulation, and the training curve of `--ode 1`."""
 import math
+import time
 
+import numba
 import numpy as np
 import pytest
 import torch
+from scipy.integrate import solve_ivp
 
-from dpp_pruning.base.data import generate_teacher
+from dpp_pruning.base.data import generate_teacher, teacher_weights
 from dpp_pruning.pipeline import workflow
 from dpp_pruning.theory import order_param_odes as ode
 from dpp_pruning.theory.order_params import generalisation_error
@@ -25,6 +28,69 @@ def random_covariance(rng, k, m, overlap=0.6):
     w_star = rng.standard_normal((m, 40))
     w = overlap * w_star[rng.integers(0, m, k)] + rng.standard_normal((k, 40))
     return ode.initial_conditions(w, rng.standard_normal(k), w_star)
+
+
+_reference_i4 = numba.njit(ode.i4)   # the closed form, compiled for scalars
+
+
+@numba.njit
+def reference_delta_sq_average(c, u, k):
+    """sum_cd u_c u_d I4(i, l, c, d) (k, k), as the integrator computed it before: I4 in its
+    closed form (`ode.i4`) for every i <= l and c <= d."""
+    n_fields = c.shape[0]
+    out = np.empty((k, k))
+    for i in range(k):
+        for l in range(i, k):  # noqa: E741
+            total = 0.0
+            for a in range(n_fields):
+                for b in range(a, n_fields):
+                    term = u[a] * u[b] * _reference_i4(c[i, i], c[l, l], c[i, l], c[i, a],
+                                                       c[i, b], c[l, a], c[l, b], c[a, a],
+                                                       c[b, b], c[a, b])
+                    total += term if a == b else 2.0 * term
+            out[i, l] = out[l, i] = total
+    return out
+
+
+def reference_derivatives(q, r, t, v, v_star, lr, noise_std=0.0, train_v=True):
+    """(dQ, dR, dv) from the vectorised closed forms (`ode.gaussian_averages`) and
+    `reference_delta_sq_average`: the right-hand side as it was before `ode.rates`."""
+    k = q.shape[0]
+    u = np.concatenate([v, -np.asarray(v_star, dtype=np.float64)])        # (L,)
+    c = ode.covariance(q, r, t)
+    two, three, jj = ode.gaussian_averages(c, k)
+    field_delta = three @ u                     # (k, L): <g'(lambda_i) f_b Delta>
+    delta_sq = reference_delta_sq_average(c, u, k) + noise_std ** 2 * jj
+    drift = -lr * v[:, None] * field_delta[:, :k]
+    dq = drift + drift.T + lr ** 2 * np.outer(v, v) * delta_sq
+    dr = -lr * v[:, None] * field_delta[:, k:]
+    dv = -lr * (two @ u) if train_v else np.zeros_like(v)
+    return dq, dr, dv
+
+
+def reference_integrate(q0, r0, t, v0, v_star, lr, alphas, noise_std=0.0, train_v=True,
+                        rtol=1e-8, atol=1e-10):
+    """The integration as it was before: RK45 (Dormand-Prince 5(4)) on the full (Q, R, v)
+    with `reference_derivatives`; returns an ode.Trajectory."""
+    k, m = r0.shape
+    sizes = np.cumsum([k * k, k * m])
+
+    def unpack(y):
+        return y[:sizes[0]].reshape(k, k), y[sizes[0]:sizes[1]].reshape(k, m), y[sizes[1]:]
+
+    def rhs(_, y):
+        q, r, v = unpack(y)
+        dq, dr, dv = reference_derivatives(q, r, t, v, v_star, lr, noise_std, train_v)
+        return np.concatenate([dq.ravel(), dr.ravel(), dv])
+
+    start = time.perf_counter()
+    sol = solve_ivp(rhs, (0.0, alphas[-1]), np.concatenate([q0.ravel(), r0.ravel(), v0]),
+                    method="RK45", t_eval=alphas, rtol=rtol, atol=atol)
+    assert sol.success, sol.message
+    q, r, v = (np.stack(parts) for parts in zip(*(unpack(y) for y in sol.y.T), strict=True))
+    return ode.Trajectory(np.asarray(alphas, dtype=np.float64), q, r, v, t,
+                          np.asarray(v_star, dtype=np.float64), float(noise_std), sol.nfev,
+                          time.perf_counter() - start)
 
 
 def test_gaussian_averages_match_monte_carlo():
@@ -48,6 +114,53 @@ def test_gaussian_averages_match_monte_carlo():
     u = rng.standard_normal(4)
     assert np.allclose(ode.delta_sq_average(c, u, 2), np.einsum("ilcd,c,d->il", four, u, u),
                        rtol=1e-12, atol=1e-14)
+
+
+def test_asin_matches_numpy():
+    """The arcsin of the I4 loop on a grid of [-1, 1], at the edges and where its two branches
+    meet, within 2 units in the last place of np.arcsin; NaN outside [-1, 1]."""
+    x = np.concatenate([np.linspace(-1.0, 1.0, 20_001), np.geomspace(1e-300, 1e-3, 50),
+                        [0.5, np.nextafter(0.5, 0.0), np.nextafter(0.5, 1.0), -0.5,
+                         np.nextafter(1.0, 0.0), -0.0]])
+    ours, exact = np.array([ode.asin(a) for a in x]), np.arcsin(x)
+    assert np.all(np.abs(ours - exact) <= 2 * np.spacing(np.abs(exact)))
+    assert ode.asin(1.0) == math.pi / 2 and ode.asin(-1.0) == -math.pi / 2
+    assert math.isnan(ode.asin(1.0 + 1e-15)) and math.isnan(ode.asin(-1.5))
+
+
+@pytest.mark.parametrize("k,m,overlap,scale", [
+    (1, 1, 0.6, 1.0), (3, 2, 0.6, 1.0), (6, 2, 0.1, 1.0), (5, 4, 0.6, 2.0),
+    (4, 2, 8.0, 1.0),          # students almost parallel to teachers: asin arguments near 1
+    (20, 2, 0.6, 0.5)])
+def test_right_hand_side_matches_the_previous_formulation(k, m, overlap, scale):
+    """`ode.derivatives` (the compiled `rates` on the packed state) against the vectorised closed
+    forms with the previous I4 loop, to 1e-12 relative, with noise and with a frozen second
+    layer; the I4 sum alone against the previous loop likewise."""
+    rng = np.random.default_rng(k + m)
+    q, r, t, v = random_covariance(rng, k, m, overlap)
+    q, r = scale ** 2 * q, scale * r                       # student weights scaled by `scale`
+    v_star = 4.0 * rng.standard_normal(m)
+    for sigma, train_v in ((0.0, True), (0.3, True), (0.3, False)):
+        ours = ode.derivatives(q, r, t, v, v_star, 0.5, sigma, train_v)
+        previous = reference_derivatives(q, r, t, v, v_star, 0.5, sigma, train_v)
+        for new, old in zip(ours, previous, strict=True):
+            assert new.shape == old.shape
+            assert np.abs(new - old).max() <= 1e-12 * np.abs(old).max()
+        assert np.array_equal(ours[0], ours[0].T)
+    c, u = ode.covariance(q, r, t), np.concatenate([v, -v_star])
+    previous = reference_delta_sq_average(c, u, k)
+    assert np.abs(ode.delta_sq_average(c, u, k) - previous).max() <= 1e-12 * np.abs(previous).max()
+
+
+def test_state_packing_round_trips():
+    rng = np.random.default_rng(5)
+    q, r, t, v = random_covariance(rng, 4, 3)
+    y = ode.pack(q, r, v)
+    assert y.shape == (4 * 5 // 2 + 4 * 3 + 4,)
+    for new, old in zip(ode.unpack(y, 4, 3), (q, r, v), strict=True):
+        assert np.array_equal(new, old)
+    many = ode.unpack(np.stack([y, 2 * y]), 4, 3)
+    assert many[0].shape == (2, 4, 4) and np.array_equal(many[1][1], 2 * r)
 
 
 def sgd_step_changes(w, v, w_star, v_star, x, noise, lr):
@@ -118,6 +231,43 @@ def test_ode_agrees_with_simulation_at_n_200(small_teacher):
     se = gaps.std(0, ddof=1) / math.sqrt(len(gaps))
     assert np.all(np.abs(gaps.mean(0)) < 4 * se + 1.0 / n)
     assert np.abs(gaps).max() < 0.5                                  # no seed strays far
+
+
+def paper_start(k, seed=1, n=500, m=2):
+    """Q0 (k, k), R0 (k, m), T (m, m), v0 (k,) of the student the simulation starts from
+    (`workflow.initial_student`: both layers ~ N(0, 1)) against the teacher w* (m, n) ~ N(0, 1)
+    that `generate_teacher` draws first for the same seed: the start of notebook 5's runs."""
+    student = workflow.initial_student(n, k, "sigmoid", "normal", seed)
+    w_star, _ = teacher_weights(n, m, "normal", 4.0, torch.Generator().manual_seed(seed))
+    return ode.initial_conditions(student.w1.weight.detach().double().numpy(),
+                                  student.w2.weight.detach().double().numpy(),
+                                  w_star.double().numpy())
+
+
+def largest_differences(ours, previous):
+    """Largest relative differences {name: float} of two Trajectories: the final Q, R, v
+    (relative to their largest entry) and eps_g, and eps_g over the whole curve."""
+    out = {name: float(np.abs(getattr(ours, name)[-1] - getattr(previous, name)[-1]).max()
+                       / np.abs(getattr(previous, name)[-1]).max()) for name in ("q", "r", "v")}
+    out["eps_g"] = abs(float(ours.eps_g[-1] / previous.eps_g[-1]) - 1)
+    out["eps_g curve"] = float(np.abs(ours.eps_g / previous.eps_g - 1).max())
+    return out
+
+
+@pytest.mark.parametrize("noise_std,train_v", [(0.0, True), (0.25, False)])
+def test_integration_agrees_with_the_previous_integrator(noise_std, train_v):
+    """K = 6, M = 2, v* = 4, eta = 0.5 from the simulation's initial student at N = 500 to
+    alpha = 1600 (plateau, specialisation, slow convergence): `ode.integrate` at its default
+    tolerances against the previous integration (`reference_integrate`) at 100 times tighter
+    ones: the final Q, R, v and eps_g to 1e-7 relative, the eps_g curve to 1e-6."""
+    q, r, t, v = paper_start(6)
+    alphas = np.concatenate([[0.0], np.geomspace(0.01, 1600, 40)])
+    args = (q, r, t, v, [4.0, 4.0], 0.5, alphas, noise_std, train_v)
+    ours = ode.integrate(*args)
+    gaps = largest_differences(ours, reference_integrate(*args, rtol=1e-10, atol=1e-12))
+    assert gaps.pop("eps_g curve") < 1e-6
+    assert max(gaps.values()) < 1e-7
+    assert ours.eps_g[-1] < 0.05 * ours.eps_g[0]                   # it learnt
 
 
 def test_integration_converged():
