@@ -39,7 +39,8 @@ def read_run(folder):
     if date is None:
         raise cli.UserError(f"{os.path.join(folder, 'claims.md')} has no dated title; run "
                             "reproduce.py on the folder again to rewrite it")
-    students = len({row["student"] for row in tables["results"]})
+    # the students the claims were judged on (a run may judge fewer than the folder holds)
+    students = max((int(row["students"]) for row in tables["claims"]), default=0)
     return record, students, date, tables
 
 
@@ -49,6 +50,22 @@ def heading(name, record, students, date):
     if claims.small_run(record, students):
         lines.append(claims.small_run_note(record, students))
     return lines + [""]
+
+
+def kept_line(rows, method_key="method", fraction_key="fraction_kept"):
+    """'Parameters kept: ...' for each budget (nodes) of these rows: the fraction of the
+    student's parameters node methods and edge methods keep there, as the rows record it."""
+    from dpp_pruning.base.choices import PRUNING_CHOICES
+    kept = collections.defaultdict(dict)
+    for r in rows:
+        for method, fraction in zip(r[method_key], r[fraction_key], strict=True):
+            kind = PRUNING_CHOICES[method.split(" ")[0]]
+            kept[int(r["nodes_equivalent"])][kind] = float(fraction)
+    parts = [f"{n} node{'s' if n != 1 else ''}: "
+             + ", ".join(f"{kind} methods {claims.kept_percent(kept[n][kind])}"
+                         for kind in ("node", "edge") if kind in kept[n])
+             for n in sorted(kept)]
+    return "Parameters kept (of the student's K (N + 1)): " + "; ".join(parts) + "."
 
 
 def _table(header, rows):
@@ -80,6 +97,9 @@ def verdict_tables(claim_rows, record, students, date):
         text += _table(["claim (A below B)"] + [f"σ={n:g}, {k}" for n, k in columns],
                        [[claim] + [cells[claim].get(c, "") for c in columns]
                         for claim in cells])
+        text += ["", kept_line([dict(r, method=(r["a"], r["b"]),
+                                     fraction=(r["kept_a"], r["kept_b"])) for r in part],
+                               fraction_key="fraction")]
         suffix = "" if rescale else "_rescale0"
         out[f"claims_K{size}_M{teacher}{suffix}.md"] = "\n".join(text) + "\n"
     return out
@@ -104,6 +124,10 @@ def loss_table(rows, value, name, what, record, students, date):
                    [[f"{k[0]:g}", str(k[1]), str(k[2]), str(k[3]), str(k[4]), k[5]]
                     + [f"{sum(v) / len(v):.4g}" if (v := means.get((k, n))) else ""
                        for n in budgets] for k in lines])
+    for size in sorted({int(r["student_h_size"]) for r in rows}):
+        text += ["", f"K = {size}: " + kept_line(
+            [dict(r, method=(r["method"],), fraction_kept=(r["fraction_kept"],))
+             for r in rows if int(r["student_h_size"]) == size])]
     return "\n".join(text) + "\n"
 
 

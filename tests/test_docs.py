@@ -35,9 +35,10 @@ def test_tables_are_headed_by_the_run():
     tables = docs_tables.build(FIXTURE)
     assert set(tables) == {"claims_K6_M2.md", "claims_K20_M2.md", "test_loss.md",
                            "expected_loss.md"}
+    with open(os.path.join(FIXTURE, "claims.md")) as f:
+        date = claims.run_date(f.read())
     for text in tables.values():
-        assert ("From study 'smoke': N = 20, P = 32000, 2 students, seed 1, run 2026-12-02."
-                in text)
+        assert f"From study 'smoke': N = 20, P = 32000, 2 students, seed 1, run {date}." in text
         assert "not the paper-scale ones" in text
     grid = tables["claims_K6_M2.md"]
     assert "✓" not in grid and "?" not in grid and "FAILS" not in grid
@@ -52,9 +53,10 @@ def test_loss_table_is_the_mean_over_students_of_the_means_over_rounds():
                    & (results.method == "dpp_edge") & (results.reweighting == 1)
                    & (results.nodes_equivalent == 3) & (results.rescale == 1)]
     expected = cell.groupby("student").test_loss.mean().mean()
-    line = next(line for line in docs_tables.build(FIXTURE)["test_loss.md"].splitlines()
-                if line.startswith("| 0.25 | 6 | 2 | 1 | 1 | dpp_edge |"))
-    assert line.split("|")[8].strip() == f"{expected:.4g}"
+    lines = docs_tables.build(FIXTURE)["test_loss.md"].splitlines()
+    header = next(line for line in lines if line.startswith("| σ |")).split("|")
+    line = next(line for line in lines if line.startswith("| 0.25 | 6 | 2 | 1 | 1 | dpp_edge |"))
+    assert line.split("|")[header.index(" 3 nodes ")].strip() == f"{expected:.4g}"
 
 
 def test_a_folder_without_a_run_is_one_sentence(tmp_path):
@@ -142,3 +144,19 @@ def test_node_methods_sit_beside_their_budget_not_between_budgets():
     for line in lines:
         xs = np.asarray(line.get_xdata(), dtype=float)
         assert np.all(np.abs(xs - np.round(xs)) < 0.1), (line.get_label(), xs)
+
+
+def test_tables_count_the_students_the_claims_were_judged_on(tmp_path):
+    """A run with --students 1 on a folder of two judges one student: claims.md and every
+    generated table say 1, though results.csv holds both."""
+    import shutil
+
+    import reproduce
+    out = tmp_path / "run"
+    shutil.copytree(FIXTURE, out)
+    reproduce.main(["--preset", "smoke", "--students", "1", "--out", str(out),
+                    "--methods", "random_node", "--rounds", "2"])
+    assert (out / "claims.md").read_text().startswith(
+        "# Claims of study 'smoke': N = 20, P = 32000, 1 student, seed 1, run ")
+    for name, text in docs_tables.build(str(out)).items():
+        assert ", 1 student, seed 1, run " in text.splitlines()[2], name

@@ -24,8 +24,9 @@ import numpy as np
 import scipy.stats
 
 CLAIM_COLUMNS = ("claim", "noise", "student_h_size", "teacher_h_size", "rescale",
-                 "nodes_equivalent", "a", "b", "basis", "students", "mean_a", "mean_b",
-                 "mean_difference", "ci_low", "ci_high", "relative", "agree", "verdict")
+                 "nodes_equivalent", "a", "b", "kept_a", "kept_b", "basis", "students",
+                 "mean_a", "mean_b", "mean_difference", "ci_low", "ci_high", "relative",
+                 "agree", "verdict")
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,13 @@ CLAIMS = (
 def _key(row):
     return (float(row["noise"]), int(row["student_h_size"]), int(row["teacher_h_size"]),
             int(row["rescale"]), int(row["nodes_equivalent"]))
+
+
+def fractions_kept(expectation_rows, result_rows=()):
+    """{(setting, method): fraction of the student's parameters its budget keeps}, from the
+    rows' fraction_kept (NaN where the rows do not say)."""
+    return {(_key(row), row["method"]): float(row.get("fraction_kept", math.nan))
+            for row in list(expectation_rows) + list(result_rows)}
 
 
 def losses_by_student(expectation_rows, result_rows=()):
@@ -105,6 +113,7 @@ def verdict(low, high, students):
 def evaluate(expectation_rows, result_rows=(), claims=CLAIMS):
     """One row per claim and setting where both sides exist for at least one student."""
     table = losses_by_student(expectation_rows, result_rows)
+    kept = fractions_kept(expectation_rows, result_rows)
     settings = sorted({key[0] for key in table})
     out = []
     for claim in claims:
@@ -123,12 +132,19 @@ def evaluate(expectation_rows, result_rows=(), claims=CLAIMS):
                             teacher_h_size=m, rescale=rescale, nodes_equivalent=nodes,
                             a=f"{claim.a[0]}{' rw' if claim.a[1] else ''}",
                             b=f"{claim.b[0]}{' rw' if claim.b[1] else ''}",
+                            kept_a=kept.get((setting, claim.a[0]), math.nan),
+                            kept_b=kept.get((setting, claim.b[0]), math.nan),
                             basis="measured" if "measured" in basis else "expected",
                             students=len(students), mean_a=float(la.mean()),
                             mean_b=float(lb.mean()), mean_difference=mean, ci_low=low,
                             ci_high=high, relative=mean / float(lb.mean()),
                             agree=int(np.sum(la < lb)), verdict=verdict(low, high, len(students))))
     return out
+
+
+def kept_percent(fraction):
+    """A fraction of the parameters kept, as the tables show it ("16.8%"; "?" if unknown)."""
+    return "?" if not math.isfinite(float(fraction)) else f"{100 * float(fraction):.1f}%"
 
 
 def percent(relative):
@@ -179,14 +195,15 @@ def markdown(rows, record, date):
     lines += ["Verdicts: holds (the 95% interval of the mean difference A − B lies below "
               "zero), fails (above zero), not resolved (n students) (the interval contains "
               "zero).", "",
-              "| claim | σ | K | M | rescale | nodes | students | mean A − B (95% CI) | "
-              "relative | A lower for | basis | verdict |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| claim | σ | K | M | rescale | nodes | kept A / B | students | "
+              "mean A − B (95% CI) | relative | A lower for | basis | verdict |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ci = ("" if not math.isfinite(r["ci_low"])
               else f" ({r['ci_low']:+.4f}, {r['ci_high']:+.4f})")
         lines.append(f"| {r['claim']} | {r['noise']:g} | {r['student_h_size']} | "
                      f"{r['teacher_h_size']} | {r['rescale']} | {r['nodes_equivalent']} | "
+                     f"{kept_percent(r['kept_a'])} / {kept_percent(r['kept_b'])} | "
                      f"{r['students']} | {r['mean_difference']:+.4f}{ci} | "
                      f"{100 * r['relative']:+.1f}% | {r['agree']}/{r['students']} | "
                      f"{r['basis']} | {label(r['verdict'])} |")
