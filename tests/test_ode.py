@@ -341,7 +341,8 @@ def test_notebook_runs_at_smoke_scale(root, tmp_path, monkeypatch):
 
 def test_notebook_shows_the_users_training_curve(root, tmp_path, monkeypatch):
     """A curve written by teacher_dataset.py + teacher_student.py --ode 1 (N = 20, P = 2000) is
-    what notebook 5 draws when TRAINING_CURVE names it, with its figure beside the file."""
+    what notebook 5 draws when TRAINING_CURVE names it, with its figure in ODE_OUT (never
+    beside the file, which may be the checkout's root)."""
     from entry_points import call
     code, _, err = call("teacher_dataset.py", ["--input_dim", 20, "--num_data", 2000,
                                                "--teacher_path", tmp_path / "teacher.pkl"])
@@ -362,8 +363,9 @@ def test_notebook_shows_the_users_training_curve(root, tmp_path, monkeypatch):
             ) in outputs[1]
     assert "training_curve_3.csv" in outputs[3] and "largest gap" in outputs[3]
     assert "sigma =" not in "".join(outputs)                  # no run of the notebook's own
-    assert (tmp_path / "figures" / "ode_test_loss.png").read_bytes()[:4] == b"\x89PNG"
-    assert not (tmp_path / "elsewhere").exists()
+    assert (tmp_path / "elsewhere" / "figures" / "ode_test_loss.png").read_bytes()[:4] == \
+        b"\x89PNG"
+    assert not (tmp_path / "figures").exists()
 
 
 def test_cli_reports_a_failed_integration(small_teacher, tmp_path, monkeypatch):

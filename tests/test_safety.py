@@ -365,3 +365,30 @@ def test_a_temporary_file_of_a_killed_unreaped_writer_is_removed(tmp_path):
         assert not part.exists()
     finally:
         child.wait()
+
+
+def test_a_live_writers_temporary_file_is_kept(tmp_path):
+    """A temporary file of a writer that still runs (another process, alive) is not touched
+    by another write of the same target."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        part = tmp_path / f".cell.npz.{child.pid}.abc123.part"
+        part.write_bytes(b"being written")
+        storage.save_pickle([1], str(tmp_path / "cell.npz"))
+        assert part.read_bytes() == b"being written"
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_process_it_may_not_signal_counts_as_alive(tmp_path, monkeypatch):
+    """os.kill(pid, 0) answering EPERM (a process of another user) means the process exists:
+    its temporary file stays."""
+    def not_permitted(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+    part = tmp_path / ".cell.npz.4242.abc123.part"
+    part.write_bytes(b"another user's")
+    monkeypatch.setattr(os, "kill", not_permitted)
+    storage.remove_stale_parts(str(tmp_path / "cell.npz"))
+    assert part.exists()
+    assert storage._pid_alive(4242)
