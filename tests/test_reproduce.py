@@ -224,7 +224,7 @@ def test_keep_data_0_removes_teachers_and_changes_no_result(three_students, tmp_
     reproduce.main(["--preset", "smoke", "--out", str(other), "--methods",
                     "dpp_node,random_node,random_edge,dpp_edge", "--rounds", "1",
                     "--students", "2", "--jobs", "2", "--keep_data", "0"])
-    assert not list(other.rglob("teacher.pkl"))
+    assert not list(other.rglob("data.npz"))
     assert list(other.rglob("student_6.pth"))
     with open(out / "results.csv") as f, open(other / "results.csv") as g:
         full = [r for r in csv.DictReader(f) if r["student"] in "01"]

@@ -181,7 +181,7 @@ def test_a_diverged_training_says_so(tmp_path, capsys):
                             f"student of K = 6 on data set {out}/student_0/sigma_0 (lr 1e+06, "
                             "v_star 4, noise 0); use a smaller lr or v_star"), err
     assert not list(out.rglob("student_6.pth"))
-    assert (out / "student_0" / "sigma_0" / "teacher.pkl").exists()     # kept: it is sound
+    assert not (out / "student_0" / "sigma_0" / "data.npz").exists()   # nothing half made
 
 
 def test_seeds_json_follows_the_folder_as_it_grows(tmp_path):
@@ -207,8 +207,8 @@ def test_keep_data_0_never_holds_more_teacher_files_than_jobs(tmp_path):
 
     def watch():
         while not stop.is_set():
-            found = [p for p in out.rglob("*") if p.name == "teacher.pkl"
-                     or p.name.startswith(".teacher.pkl.")]
+            found = [p for p in out.rglob("*") if p.name == "data.npz"
+                     or p.name.startswith(".data.npz.")]
             most[0] = max(most[0], len(found))
             time.sleep(0.002)
     watcher = threading.Thread(target=watch)
@@ -221,4 +221,4 @@ def test_keep_data_0_never_holds_more_teacher_files_than_jobs(tmp_path):
         watcher.join()
     assert code == 0
     assert 1 <= most[0] <= 2, most[0]
-    assert not list(out.rglob("teacher.pkl"))
+    assert not list(out.rglob("data.npz"))

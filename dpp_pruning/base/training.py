@@ -258,6 +258,19 @@ def _activate_torch_(z, nonlinearity):
     return z
 
 
+def _rows_per_chunk(columns, n_in, batch):
+    """Test rows read at a time: `batch`, fewer when the (rows, columns) activations and the
+    (rows, N) inputs would pass 8 M numbers (64 MB in float64)."""
+    return max(1, min(int(batch), (8 << 20) // (columns + n_in)))
+
+
+def _squared_errors(h, w2, y):
+    """Σ over rows of (Σ_k h w2 - y)²: h (c, B, K), w2 (B, K), y (c,) -> (B,) float64 (the
+    output sums in h's dtype, the squares summed in float64)."""
+    err = torch.einsum("cbk,bk->cb", h, w2).sub_(y[:, None])                  # (c, B)
+    return err.square_().sum(0, dtype=torch.float64)
+
+
 def test_loss(w1, w2, inputs, labels, nonlinearity="sigmoid", batch=8192,
               dtype=torch.float64, device="cpu"):
     """Test loss 0.5 * mean((yhat - y)^2).
@@ -282,7 +295,7 @@ def test_loss(w1, w2, inputs, labels, nonlinearity="sigmoid", batch=8192,
     weights = w1.reshape(n_nets * n_hidden, n_in).T.to(device, dtype).contiguous()  # (N, B*K)
     w2 = w2.to(device, dtype)
     scale = 1.0 / math.sqrt(n_in)
-    rows = max(1, min(int(batch), (8 << 20) // (n_nets * n_hidden + n_in)))
+    rows = _rows_per_chunk(n_nets * n_hidden, n_in, batch)
     total = torch.zeros(n_nets, dtype=torch.float64, device=device)          # (B,)
     n_samples = inputs.shape[0]
     for start in range(0, n_samples, rows):
@@ -290,10 +303,42 @@ def test_loss(w1, w2, inputs, labels, nonlinearity="sigmoid", batch=8192,
         y = torch.from_numpy(labels[start:start + rows]).to(device, dtype)   # (c,)
         lam = (x @ weights).mul_(scale)                                       # (c, B*K)
         h = _activate_torch_(lam, nonlinearity).view(-1, n_nets, n_hidden)   # (c, B, K)
-        err = torch.einsum("cbk,bk->cb", h, w2).sub_(y[:, None])             # (c, B)
-        total += err.square_().sum(0, dtype=torch.float64)
+        total += _squared_errors(h, w2, y)
     losses = (0.5 * total / max(1, n_samples)).cpu().numpy()
     return float(losses[0]) if single else losses
+
+
+def hidden_activations(w1, inputs, nonlinearity="sigmoid", batch=8192, dtype=torch.float32):
+    """g(X Wᵀ / √N) (P, K) of one network w1 (K, N) on inputs (P, N), computed as test_loss
+    computes a network's activations (one matmul per chunk of rows, in `dtype`)."""
+    w1 = torch.as_tensor(np.asarray(as_numpy(w1), dtype=np.float64))
+    n_hidden, n_in = w1.shape
+    inputs = as_numpy(inputs)
+    weights = w1.T.to(dtype).contiguous()                                    # (N, K)
+    scale = 1.0 / math.sqrt(n_in)
+    rows = _rows_per_chunk(n_hidden, n_in, batch)
+    out = torch.empty(inputs.shape[0], n_hidden, dtype=dtype)
+    for start in range(0, inputs.shape[0], rows):
+        x = torch.from_numpy(inputs[start:start + rows]).to(dtype)
+        out[start:start + rows] = _activate_torch_((x @ weights).mul_(scale), nonlinearity)
+    return out
+
+
+def loss_of_outputs(h, labels, w2, batch=8192):
+    """Test loss 0.5 * mean((h w2_b - y)^2) (B,) of B networks that share their hidden units'
+    activations h (P, K) (`hidden_activations`: a node mask only selects units, so every
+    network a node mask makes from one student shares them) and differ in their outgoing
+    weights w2 (B, K) (zero for a removed unit). The sums are those of test_loss."""
+    w2 = torch.as_tensor(np.asarray(as_numpy(w2), dtype=np.float64)).to(h.dtype)   # (B, K)
+    labels = as_numpy(labels).reshape(-1)
+    n_nets, n_hidden = w2.shape
+    rows = _rows_per_chunk(n_nets * n_hidden, h.shape[1], batch)
+    total = torch.zeros(n_nets, dtype=torch.float64)
+    for start in range(0, h.shape[0], rows):
+        chunk = h[start:start + rows]                                        # (c, K)
+        y = torch.from_numpy(labels[start:start + rows]).to(h.dtype)
+        total += _squared_errors(chunk[:, None, :].expand(-1, n_nets, -1), w2, y)
+    return (0.5 * total / max(1, h.shape[0])).numpy()
 
 
 test_loss.__test__ = False  # not a pytest test when imported into a test module

@@ -187,9 +187,10 @@ def library_versions():
 @functools.lru_cache(maxsize=1)
 def numeric_probe():
     """A hash of a tiny study's numbers, computed on one thread as units are: a teacher data
-    set (labels and Gram matrix: torch's matrix products), a trained student (the numba SGD
-    kernel) and a dpp_edge kernel's eigendecomposition (LAPACK). Two processes that disagree
-    here would write other bytes for the same unit (another CPU type or math library)."""
+    set (labels and Gram matrix), a trained student (the numba SGD kernel), a dpp_edge
+    kernel's eigendecomposition (LAPACK) and the batched test losses and hidden activations
+    of pruned students (torch's float32 products). Two processes that disagree here would
+    write other bytes for the same unit (another CPU type or math library)."""
     def compute():
         import numpy as np
 
@@ -198,11 +199,14 @@ def numeric_probe():
         from dpp_sample_ts import edge_kernel, eig_kernel
         teacher = generate_teacher(24, 2, 4096, sig_w=0.25, seed=7)
         student = workflow.train(teacher, 3, seed=7)
-        w1 = student.w1.weight.detach().double().numpy()
+        w1 = student.w1.weight.detach().double().numpy()                   # (3, 24)
+        w2 = student.w2.weight.detach().double().numpy().ravel()
         eigvals, eigvecs = eig_kernel(edge_kernel(w1[0], teacher.gram.numpy()))
+        masks = np.random.default_rng(7).random((4,) + w1.shape) < 0.5     # (4, 3, 24)
+        losses = workflow.test_weights(teacher, w1 * masks, np.tile(w2, (4, 1)))
         digest = hashlib.sha256()
         for array in (teacher.labels.numpy(), teacher.gram.numpy(), w1, eigvals,
-                      np.abs(eigvecs)):
+                      np.abs(eigvecs), losses, workflow.test_activations(teacher, student)):
             digest.update(np.ascontiguousarray(array).tobytes())
         return digest.hexdigest()[:16]
     return one_thread(compute)

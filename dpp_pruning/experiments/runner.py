@@ -15,6 +15,10 @@ from dpp_pruning.base import cli
 from dpp_pruning.experiments import study as studies
 from dpp_sample_ts import KDPPError
 
+# seconds between two writes of the tables while units finish (the unit files are the record:
+# a run killed between two writes loses nothing, the next run rebuilds the tables)
+WRITE_EVERY = 1.0
+
 
 class UnitFailed(ValueError):
     """A work unit that the study's settings make impossible, or a run that cannot go on
@@ -75,61 +79,24 @@ def _run(study, recorded, folder, methods, pool, keep_data):
                  f"done, {todo} to run, {len(unready)} data set(s) to make")
     executors.check_disk(study, out, len(unready) if keep_data else min(len(unready),
                                                                           pool.slots))
-    waiting = collections.deque(work)               # data sets not opened yet
-    left = {d: len(units) for d, units in work.items()}
     cli.log.info(f"work units run in {pool.description}")
-    done = total - todo
-    with Bar(len(unready) + todo, f"{study.name} grid", unit="unit") as bar:
-        pending = {}
-
-        def submit_work(dataset):
-            for unit in work[dataset]:
-                if isinstance(unit, sweep.Group):
-                    pending[pool.submit(sweep.run_group, recorded, folder, unit)] = unit
-                else:
-                    pending[pool.submit(sweep.run_cell, recorded, folder, unit)] = unit
-
-        def open_next():
-            """Make the next data set, or submit its work if it is already made."""
-            dataset = waiting.popleft()
-            if dataset in unready:
-                pending[pool.submit(sweep.prepare_dataset, study, out, dataset)] = dataset
-            else:
-                submit_work(dataset)
-
-        opened = 0                                  # data sets opened and not finished
-        while waiting and (keep_data or opened < pool.slots):
-            open_next()
-            opened += 1
-        while pending:
-            try:
-                finished = pool.next_done(pending)
-            except executors.SchedulerLost as e:
-                raise UnitFailed(_resume_line(e, out, done, total)) from None
-            for future in finished:
-                unit = pending.pop(future)
-                try:
-                    result = pool.result(future)
-                except executors.SchedulerLost as e:
-                    raise UnitFailed(_resume_line(e, out, done, total)) from None
-                except Exception as e:      # noqa: BLE001 - named below, or raised as it is
-                    raise _unit_failure(e, unit, out) from None
+    schedule = _Schedule(study, recorded, folder, pool, work, unready, keep_data, total - todo,
+                         total)
+    written = time.monotonic()
+    try:                               # the tables of what is done, also when the run stops
+        with Bar(len(unready) + todo, f"{study.name} grid", unit="unit") as bar:
+            for unit, result in schedule.finished():
                 bar.update()
                 if isinstance(unit, sweep.Dataset):
                     for line in result:
                         cli.log.info(line)
-                    submit_work(unit)
                     continue
-                done += 1
                 tables.add(unit)
-                tables.write()
-                left[unit.dataset] -= 1
-                if left[unit.dataset] == 0 and not keep_data:
-                    os.remove(sweep.teacher_path(out, unit.dataset))
-                    cli.log.info(f"removed {sweep.teacher_path(out, unit.dataset)} (--keep_data 0)")
-                    if waiting:
-                        open_next()
-    tables.write()
+                if time.monotonic() - written >= WRITE_EVERY:
+                    tables.write()
+                    written = time.monotonic()
+    finally:
+        tables.write()
     # claims are judged on the students this run asked for (--students), even where the
     # folder holds more; the tables keep every student
     rows = claims.evaluate(
@@ -139,6 +106,77 @@ def _run(study, recorded, folder, methods, pool, keep_data):
     with atomic_open(os.path.join(out, "claims.md"), "w") as f:
         f.write(claims.markdown(rows, studies.record(recorded), time.strftime("%Y-%m-%d")))
     return tables, rows
+
+
+class _Schedule:
+    """The unfinished units of a run (work: data set -> its cells and groups; unready: the
+    data sets to make first), submitted to the pool data set by data set: all at once, or
+    with keep_data=False at most pool.slots data sets at a time, each one's data file
+    removed once its last unit is done."""
+
+    def __init__(self, study, recorded, folder, pool, work, unready, keep_data, done, total):
+        self.study, self.recorded, self.folder, self.pool = study, recorded, folder, pool
+        self.work, self.unready, self.keep_data = work, unready, keep_data
+        self.waiting = collections.deque(work)              # data sets not opened yet
+        self.left = {d: len(units) for d, units in work.items()}
+        self.pending = {}                                   # future -> unit
+        self.done, self.total = done, total                 # cells and groups
+
+    def _submit_work(self, dataset):
+        from dpp_pruning.experiments import sweep
+        for unit in self.work[dataset]:
+            fn = sweep.run_group if isinstance(unit, sweep.Group) else sweep.run_cell
+            self.pending[self.pool.submit(fn, self.recorded, self.folder, unit)] = unit
+
+    def _open_next(self):
+        """Make the next data set, or submit its work if it is already made."""
+        from dpp_pruning.experiments import sweep
+        dataset = self.waiting.popleft()
+        if dataset in self.unready:
+            future = self.pool.submit(sweep.prepare_dataset, self.study, self.folder.path,
+                                      dataset)
+            self.pending[future] = dataset
+        else:
+            self._submit_work(dataset)
+
+    def _wait(self):
+        from dpp_pruning.experiments import executors
+        try:
+            return self.pool.next_done(self.pending)
+        except executors.SchedulerLost as e:
+            raise UnitFailed(_resume_line(e, self.folder.path, self.done, self.total)) from None
+
+    def _result(self, future, unit):
+        from dpp_pruning.experiments import executors
+        try:
+            return self.pool.result(future)
+        except executors.SchedulerLost as e:
+            raise UnitFailed(_resume_line(e, self.folder.path, self.done, self.total)) from None
+        except Exception as e:          # noqa: BLE001 - named below, or raised as it is
+            raise _unit_failure(e, unit, self.folder.path) from None
+
+    def finished(self):
+        """Yield (unit, its result) as units finish, submitting the work that follows."""
+        from dpp_pruning.experiments import sweep
+        for _ in range(len(self.waiting) if self.keep_data else self.pool.slots):
+            if self.waiting:
+                self._open_next()
+        while self.pending:
+            for future in self._wait():
+                unit = self.pending.pop(future)
+                result = self._result(future, unit)
+                if isinstance(unit, sweep.Dataset):
+                    self._submit_work(unit)
+                else:
+                    self.done += 1
+                    self.left[unit.dataset] -= 1
+                    if self.left[unit.dataset] == 0 and not self.keep_data:
+                        path = sweep.data_path(self.folder.path, unit.dataset)
+                        os.remove(path)
+                        cli.log.info(f"removed {path} (--keep_data 0)")
+                        if self.waiting:
+                            self._open_next()
+                yield unit, result
 
 
 def _unit_name(unit):

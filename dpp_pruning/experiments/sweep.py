@@ -23,23 +23,20 @@ import json
 import math
 import os
 import struct
+import zipfile
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import torch
 
-from dpp_pruning.base.data import generate_teacher
-from dpp_pruning.base.storage import (
-    atomic_open,
-    load_pickle,
-    load_state_dict,
-    save_pickle,
-    save_state_dict,
-)
+from dpp_pruning.base.data import GramSum, StudyData, TeacherStream
+from dpp_pruning.base.storage import atomic_open, load_state_dict, save_state_dict
+from dpp_pruning.base.training import online_sgd_arrays
 from dpp_pruning.experiments.study import edge_weights_exact, noise_name
 from dpp_pruning.pipeline import workflow
 from dpp_pruning.theory.order_params import order_parameters
-from dpp_sample_ts import KDPP, PRUNERS, edge_kernel
-from models import student_from_weights
+from dpp_sample_ts import KDPP, PRUNERS, edge_kernel, normalise_rows
+from models import activation, student_from_weights
 
 ALL_METHODS = ("dpp_node", "dpp_edge", "random_node", "random_edge", "importance_node",
                "importance_edge")
@@ -198,10 +195,6 @@ def student_dir(out, student):
     return os.path.join(out, f"student_{student}")
 
 
-def teacher_path(out, dataset):
-    return os.path.join(student_dir(out, dataset.student), dataset.folder, "teacher.pkl")
-
-
 def student_path(out, dataset, student_h_size):
     return os.path.join(student_dir(out, dataset.student), dataset.folder,
                         workflow.student_filename(student_h_size))
@@ -340,15 +333,36 @@ def group_from_meta(meta):
 
 # ----------------------------------------------------------------------------------------
 # Work units (each runs in a worker process; all return what they wrote)
+#
+# A data set's files: data.npz (StudyData: the teacher, the test set and the Gram matrix of
+# the training inputs; the training samples are never stored, they stream from the seed),
+# student_<K>.pth (the README's weights file of each panel's trained student) and
+# hidden_<K>.npz (its hidden-activation Gram matrix on the training inputs, rows rescaled and
+# not, which node reweighting fits on).
+
+KEEP_BYTES = 2 << 30   # a data set's training inputs up to this size stay in memory between
+#                        its passes instead of being drawn again
+
+
+def data_path(out, dataset):
+    return os.path.join(student_dir(out, dataset.student), dataset.folder, "data.npz")
+
+
+def hidden_path(out, dataset, student_h_size):
+    return os.path.join(student_dir(out, dataset.student), dataset.folder,
+                        f"hidden_{student_h_size}.npz")
+
 
 def dataset_ready(study, out, dataset):
+    sizes = [p.student_h_size for p in panels_of(study, dataset)]
     return all(os.path.exists(p) for p in
-               [teacher_path(out, dataset)] + [student_path(out, dataset, p.student_h_size)
-                                               for p in panels_of(study, dataset)])
+               [data_path(out, dataset)] + [student_path(out, dataset, k) for k in sizes]
+               + [hidden_path(out, dataset, k) for k in sizes])
 
 
 def teacher_settings(study, dataset):
-    """The generate_teacher arguments (and TeacherDataset.settings) of a data set."""
+    """The generate_teacher (and TeacherStream) arguments of a data set; as recorded in its
+    settings, they say what made the data set."""
     wanted = dict(input_dim=study.input_dim, teacher_h_size=teacher_size(study, dataset),
                   num_data=study.num_data, mode=study.mode, sig_w=float(dataset.noise),
                   v_star=study.v_star, seed=teacher_seed(study, dataset))
@@ -357,48 +371,108 @@ def teacher_settings(study, dataset):
     return wanted
 
 
-def _make_teacher(study, dataset):
-    return generate_teacher(**teacher_settings(study, dataset))
+def _stream(study, dataset):
+    keep = 4 * study.num_data * study.input_dim <= KEEP_BYTES
+    return TeacherStream(**teacher_settings(study, dataset), keep=keep)
+
+
+def _read_data(study, out, dataset):
+    """The data set's StudyData, or None when its file is missing or unreadable (then it is
+    made again). RunFolderError when it was made with other settings."""
+    path = data_path(out, dataset)
+    try:
+        data = StudyData.load(path)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+    if data.settings != _stream(study, dataset).settings:
+        raise RunFolderError(f"{path} was made with {data.settings}, not this study's "
+                             f"{_stream(study, dataset).settings}; use another --out")
+    return data
+
+
+def _make_data(stream, gram, rows):
+    x, y = stream.test_set()
+    return StudyData(stream.w1, stream.w2, gram.mean(rows), x, y, stream.settings)
+
+
+def hidden_grams(stream, w1, nonlinearity):
+    """{rescale: H (K, K)}: H = AᵀA / P, A = g(X Wᵀ / √N) the hidden activations of the
+    student w1 (K, N) (rows rescaled to norm √N for rescale 1, as trained for 0) on the
+    stream's training inputs, summed in float64 over one pass."""
+    g = activation(nonlinearity)
+    weights = {1: torch.from_numpy(normalise_rows(w1)), 0: torch.from_numpy(w1)}
+    sums = {rescale: torch.zeros(w1.shape[0], w1.shape[0], dtype=torch.float64)
+            for rescale in weights}
+    for x, _ in stream.chunks():
+        x64 = x.double()
+        for rescale, w in weights.items():
+            a = g(x64 @ w.T / math.sqrt(w1.shape[1]))
+            sums[rescale] += a.T @ a
+    return {rescale: (total / stream.num_data).numpy() for rescale, total in sums.items()}
 
 
 def prepare_dataset(study, out, dataset):
-    """Make (or reuse) the teacher of a dataset and the trained student of each of its
-    panels; record their seeds (seeds.json lists every student the folder holds for this
-    data set, also those of panels added later). Returns log lines. Raises RunFolderError
-    for a teacher of other settings, TrainingDiverged for a training that diverged."""
-    _CACHE.clear()           # a worker holds one teacher at a time, also while making one
+    """Make (or reuse) a data set's data.npz, the trained student of each of its panels and
+    their hidden Gram matrices, in as few passes over the streamed training samples as
+    possible (one per epoch, all students trained side by side chunk by chunk, then one for
+    the hidden Gram matrices); record their seeds (seeds.json lists every student the folder
+    holds for this data set, also those of panels added later). Returns log lines. Raises
+    RunFolderError for data of other settings, TrainingDiverged for a training that
+    diverged."""
+    _CACHE.clear()           # a worker holds one data set at a time, also while making one
     lines = []
-    path = teacher_path(out, dataset)
-    wanted = teacher_settings(study, dataset)
-    if os.path.exists(path):
-        teacher = load_pickle(path, "teacher file")
-        if teacher.settings != wanted:
-            raise RunFolderError(f"{path} was made with {teacher.settings}, not this study's "
-                                 f"{wanted}; use another --out")
-    else:
-        lines.append(f"generating {path}")
-        teacher = _make_teacher(study, dataset)
-        save_pickle(teacher, path)
-    seeds = {"teacher": wanted["seed"]}
+    folder = os.path.dirname(data_path(out, dataset))
+    data = _read_data(study, out, dataset)
+    stream = _stream(study, dataset)
+    seeds = {"teacher": stream.settings["seed"]}
+    train = {}                                            # K -> [w1, w2] being trained
     for panel in panels_of(study, dataset):
-        seeds[f"student_{panel.student_h_size}"] = init_seed(study, dataset,
-                                                             panel.student_h_size)
-        spath = student_path(out, dataset, panel.student_h_size)
-        if os.path.exists(spath):
-            continue
-        lines.append(f"training {spath}")
-        student = workflow.train(teacher, panel.student_h_size, study.nonlinearity, study.mode,
-                                 study.lr, study.epochs, 0.0,
-                                 seeds[f"student_{panel.student_h_size}"])
-        if not all(np.isfinite(p.detach().numpy()).all() for p in student.parameters()):
+        size = panel.student_h_size
+        seeds[f"student_{size}"] = init_seed(study, dataset, size)
+        if not os.path.exists(student_path(out, dataset, size)):
+            start = workflow.initial_student(study.input_dim, size, study.nonlinearity,
+                                             study.mode, seeds[f"student_{size}"])
+            train[size] = [start.w1.weight.detach().double().numpy(),
+                           start.w2.weight.detach().double().numpy().ravel()]
+    gram = GramSum(study.input_dim) if data is None else None
+    if data is None:
+        lines.append(f"generating {data_path(out, dataset)}")
+    lines += [f"training {student_path(out, dataset, size)}" for size in train]
+    for epoch in range(study.epochs if train else (1 if data is None else 0)):
+        for x, y in stream.chunks():
+            if epoch == 0 and gram is not None:
+                gram.add(x)
+            for weights in train.values():
+                weights[:] = online_sgd_arrays(*weights, x, y, study.lr,
+                                               nonlinearity=study.nonlinearity,
+                                               train_w2=study.mode != "soft_committee")
+    for size, (w1, w2) in train.items():
+        if not (np.isfinite(w1).all() and np.isfinite(w2).all()):
             raise TrainingDiverged(
-                f"training diverged (non-finite weights) for the student of K = "
-                f"{panel.student_h_size} on data set {os.path.dirname(spath)} (lr "
-                f"{study.lr:g}, v_star {study.v_star:g}, noise {dataset.noise:g}); use a "
-                "smaller lr or v_star")
-        save_state_dict(student.state_dict(), spath)
-    _record_seeds(os.path.join(os.path.dirname(path), "seeds.json"), seeds)
+                f"training diverged (non-finite weights) for the student of K = {size} on "
+                f"data set {folder} (lr {study.lr:g}, v_star {study.v_star:g}, noise "
+                f"{dataset.noise:g}); use a smaller lr or v_star")
+    if data is None:
+        with atomic_open(data_path(out, dataset)) as f:
+            _make_data(stream, gram, study.num_data).save(f)
+    for size, (w1, w2) in train.items():
+        student = student_from_weights(w1, w2, study.nonlinearity, study.mode)
+        save_state_dict(student.state_dict(), student_path(out, dataset, size))
+    for panel in panels_of(study, dataset):
+        path = hidden_path(out, dataset, panel.student_h_size)
+        if panel.student_h_size in train or not os.path.exists(path):
+            w1 = _trained(study, out, dataset, panel.student_h_size).w1.weight.detach()
+            grams = hidden_grams(stream, w1.double().numpy(), study.nonlinearity)
+            with atomic_open(path) as f:
+                np.savez(f, **{f"rescale{r}": h for r, h in grams.items()})
+    _record_seeds(os.path.join(folder, "seeds.json"), seeds)
     return lines
+
+
+def _trained(study, out, dataset, student_h_size):
+    state = load_state_dict(student_path(out, dataset, student_h_size))
+    return student_from_weights(state["w1.weight"].numpy(), state["w2.weight"].numpy(),
+                                study.nonlinearity, study.mode)
 
 
 def _record_seeds(path, seeds):
@@ -415,12 +489,15 @@ def _record_seeds(path, seeds):
 
 @dataclass
 class _Pruned:
-    """What a worker keeps of one group: its teacher, the student as pruned (rescaled or
-    not), that student's hidden-activation Gram, and its dpp_edge samplers once needed."""
-    teacher: object
+    """What a worker keeps of one group: its data set, the student as pruned (rescaled or
+    not), that student's hidden-activation Gram on the training inputs, and, once needed,
+    its dpp_edge samplers, its hidden activations on the test set (T, K) and its test loss."""
+    teacher: StudyData
     unpruned: object
     hgram: np.ndarray
     edge_samplers: list = None
+    test_activations: torch.Tensor = None
+    unpruned_loss: float = None
 
 
 _CACHE = {}   # (run folder's identity, group) -> _Pruned
@@ -428,25 +505,28 @@ _CACHE = {}   # (run folder's identity, group) -> _Pruned
 
 def _load(study, folder, group):
     """The group's _Pruned, cached per worker process and keyed by the run folder's identity
-    and the group (a folder made again at the same path has another identity): one teacher
-    at a time (a worker never holds two data sets), with the students of every group of that
-    teacher's dataset. A teacher file that is not there (another machine's disk, or removed
-    by --keep_data 0) is made again from its seeds, bit-identically."""
+    and the group (a folder made again at the same path has another identity): one data set
+    at a time (a worker never holds two), with the students of every group of that data
+    set. A data file that is not there (another machine's disk, or removed by --keep_data 0)
+    is made again from its seeds, bit-identically, in this process only."""
     out = folder.path
     key = (folder.id, group)
     if key not in _CACHE:
-        teacher = next((v.teacher for (f, g), v in _CACHE.items()
-                        if (f, g.dataset) == (folder.id, group.dataset)), None)
-        if teacher is None:
+        data = next((v.teacher for (f, g), v in _CACHE.items()
+                     if (f, g.dataset) == (folder.id, group.dataset)), None)
+        if data is None:
             _CACHE.clear()
-            path = teacher_path(out, group.dataset)
-            teacher = (load_pickle(path, "teacher file") if os.path.exists(path)
-                       else _make_teacher(study, group.dataset))
-        state = load_state_dict(student_path(out, group.dataset, group.student_h_size))
-        student = student_from_weights(state["w1.weight"].numpy(), state["w2.weight"].numpy(),
-                                       study.nonlinearity, study.mode)
+            data = _read_data(study, out, group.dataset)
+        if data is None:
+            stream, gram = _stream(study, group.dataset), GramSum(study.input_dim)
+            for x, _ in stream.chunks():
+                gram.add(x)
+            data = _make_data(stream, gram, study.num_data)
+        student = _trained(study, out, group.dataset, group.student_h_size)
         unpruned = workflow.rescaled(student) if group.rescale else student
-        _CACHE[key] = _Pruned(teacher, unpruned, workflow.hidden_gram(teacher, unpruned))
+        with np.load(hidden_path(out, group.dataset, group.student_h_size)) as z:
+            hgram = z[f"rescale{group.rescale}"]
+        _CACHE[key] = _Pruned(data, unpruned, hgram)
     return _CACHE[key]
 
 
@@ -462,30 +542,51 @@ def _kernels(loaded, method):
     return loaded.edge_samplers
 
 
+def _test_losses(loaded, method, keep, weights, outs):
+    """The test loss (B,) of every pruned student (weights (B, K, N), outs (B, K) from
+    workflow.apply_masks): node masks only select hidden units (keep (B, K)), so their
+    losses come from the unpruned student's hidden activations on the test set, computed
+    once per student; edge masks test every masked network (a cell's masks in one batch)."""
+    data = loaded.teacher
+    if PRUNERS[method].granularity == "node":
+        if loaded.test_activations is None:
+            loaded.test_activations = workflow.test_activations(data, loaded.unpruned)
+        return workflow.loss_of_outputs(loaded.test_activations, data.test_labels,
+                                        outs * keep)
+    return workflow.test_weights(data, weights, outs, loaded.unpruned.nonlinearity)
+
+
 def run_cell(study, folder, cell):
-    """Draw, test and store one cell; returns its path. Rounds share nothing but the student."""
+    """Draw, test and store one cell; returns its path. Rounds share nothing but the student.
+    Each round's masks come from its own seed; all rounds are then tested together."""
     loaded = _load(study, folder, cell.group)
-    teacher, unpruned, hgram = loaded.teacher, loaded.unpruned, loaded.hgram
+    data, unpruned, hgram = loaded.teacher, loaded.unpruned, loaded.hgram
     w1 = unpruned.w1.weight.detach().double().numpy()
     v = unpruned.w2.weight.detach().double().numpy().ravel()
-    q, r, t = order_parameters(w1, teacher.w1.numpy())
-    store = dict(unpruned_q=q, unpruned_r=r, t=t, v=v, v_star=teacher.w2.numpy().ravel(),
-                 unpruned_loss=workflow.test_loss(teacher, unpruned),
-                 unpruned_predicted=float(workflow.predicted_loss(teacher, w1, v)))
+    if loaded.unpruned_loss is None:
+        loaded.unpruned_loss = workflow.test_loss(data, unpruned)
+    q, r, t = order_parameters(w1, data.w1.numpy())
+    store = dict(unpruned_q=q, unpruned_r=r, t=t, v=v, v_star=data.w2.numpy().ravel(),
+                 unpruned_loss=loaded.unpruned_loss,
+                 unpruned_predicted=float(workflow.predicted_loss(data, w1, v)))
+    masks = []
     for rnd in range(study.rounds):
-        _, masks = workflow.prune(teacher, unpruned, cell.method, cell.k, study.num_masks,
+        _, drawn = workflow.prune(data, unpruned, cell.method, cell.k, study.num_masks,
                                   mask_seed(study, cell, rnd), _kernels(loaded, cell.method),
-                                  rescale=False,
-                                  importance_rule=study.importance_rule)
-        for rw in study.reweighting:
-            result = workflow.test_masks(teacher, unpruned, masks, cell.method, bool(rw), hgram,
-                                         with_unpruned=False)
-            eq, er, _ = order_parameters(result.weights, teacher.w1.numpy())
-            tag = f"rw{rw}_round{rnd}"
-            store[f"losses_{tag}"] = result.losses
-            store[f"predicted_{tag}"] = workflow.predicted_loss(
-                teacher, result.weights, result.outs, study.nonlinearity)
-            store[f"eq_{tag}"], store[f"er_{tag}"] = eq.mean(axis=0), er.mean(axis=0)
+                                  rescale=False, importance_rule=study.importance_rule)
+        masks += drawn
+    keep = np.stack(masks).any(axis=1)                                      # (B, K)
+    for rw in study.reweighting:
+        weights, outs = workflow.apply_masks(data, unpruned, masks, cell.method, bool(rw),
+                                             hgram)
+        losses = _test_losses(loaded, cell.method, keep, weights, outs)
+        predicted = workflow.predicted_loss(data, weights, outs, study.nonlinearity)
+        eq, er, _ = order_parameters(weights, data.w1.numpy())
+        for rnd in range(study.rounds):
+            tag, part = f"rw{rw}_round{rnd}", slice(rnd * study.num_masks,
+                                                    (rnd + 1) * study.num_masks)
+            store[f"losses_{tag}"], store[f"predicted_{tag}"] = losses[part], predicted[part]
+            store[f"eq_{tag}"], store[f"er_{tag}"] = eq[part].mean(axis=0), er[part].mean(axis=0)
     path = cell_path(folder.path, cell)
     with atomic_open(path) as f:
         np.savez(f, meta=json.dumps(asdict(cell)), **store)

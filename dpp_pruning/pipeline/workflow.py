@@ -138,10 +138,32 @@ def test_masks(teacher, student, masks, choice, reweighting=False, hgram=None, d
     """Test loss of the student pruned by every mask, all masks evaluated in one batch
     (float32 matmuls on `device`, float64 sums); `with_unpruned` adds the unpruned loss."""
     weights, outs = apply_masks(teacher, student, masks, choice, reweighting, hgram)
-    losses = training.test_loss(weights, outs, teacher.test_inputs, teacher.test_labels,
-                                student.nonlinearity, dtype=torch.float32, device=device)
+    losses = test_weights(teacher, weights, outs, student.nonlinearity, device)
     unpruned = test_loss(teacher, student, device) if with_unpruned else float("nan")
-    return PrunedResult(np.asarray(losses), weights, outs, unpruned)
+    return PrunedResult(losses, weights, outs, unpruned)
+
+
+def test_weights(teacher, weights, outs, nonlinearity="sigmoid", device="cpu"):
+    """Test loss (B,) of B networks weights (B, K, N), outs (B, K) on the teacher's test set,
+    in one batch (float32 matmuls, float64 sums)."""
+    return np.asarray(training.test_loss(weights, outs, teacher.test_inputs,
+                                         teacher.test_labels, nonlinearity,
+                                         dtype=torch.float32, device=device))
+
+
+def test_activations(teacher, student):
+    """The student's hidden activations on the teacher's test set (T, K), float32, as
+    test_weights computes them: what every node mask of the student selects from."""
+    return training.hidden_activations(student.w1.weight.detach().double().numpy(),
+                                       teacher.test_inputs, student.nonlinearity)
+
+
+def loss_of_outputs(activations, labels, outs):
+    """Test loss (B,) of the networks that keep a student's hidden units `activations` (T, K)
+    and weigh them by outs (B, K) (zero for a removed unit); networks with the same outs
+    (a node method's masks often repeat) are tested once and get the same loss."""
+    unique, inverse = np.unique(np.asarray(outs, dtype=np.float64), axis=0, return_inverse=True)
+    return training.loss_of_outputs(activations, labels, unique)[inverse.ravel()]
 
 
 def predicted_loss(teacher, weights, outs, nonlinearity="sigmoid"):
