@@ -169,9 +169,12 @@ def _pair_rows(study, dataset, student_h_size, groups, start):
 def study_theory(study, jobs=1):
     """Every group_theory row of a study (all students, data sets, panels, rescalings), in
     the order of sweep.groups(study). The ODEs run once per (data set, K), their rescalings
-    sharing the trajectory; with jobs > 1 those pairs are spread over `jobs` processes
-    (started fresh, as executors.LocalPool's), the widest panels first (an ODE evaluation
-    costs O(K² (K + M)²)), each given its start, drawn here."""
+    sharing the trajectory; with jobs > 1 those pairs are spread over `jobs` processes, the
+    widest panels first (an ODE evaluation costs O(K² (K + M)²)), each given its start,
+    drawn here, so that the workers never use torch. They are forked from multiprocessing's
+    fork server, which imports this module once per process (about 2 s, on the first such
+    call only), not from the caller, whose other threads a fork would not carry; where there
+    is no fork server (Windows) they are spawned, each importing the module."""
     groups = sweep.groups(study)
     pairs = {}                                       # (data set, K) -> its groups
     for group in groups:
@@ -179,7 +182,11 @@ def study_theory(study, jobs=1):
     work = {pair: (study, *pair, chosen, initial_order_parameters(study, *pair))
             for pair, chosen in pairs.items()}
     if jobs > 1 and len(pairs) > 1:
-        context = multiprocessing.get_context("spawn")
+        if "forkserver" in multiprocessing.get_all_start_methods():
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload([__name__])
+        else:
+            context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(min(jobs, len(pairs)),
                                                     mp_context=context) as pool:
             futures = {pair: pool.submit(_pair_rows, *work[pair])
