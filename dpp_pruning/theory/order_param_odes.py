@@ -66,6 +66,10 @@ from dpp_pruning.theory.order_params import generalisation_error, order_paramete
 _TWO_OVER_PI = 2.0 / math.pi
 
 
+DIVERGED = 1e6     # order parameters this many times their start's scale: training diverges
+MAX_EVALUATIONS = 500_000   # of the right-hand side (the paper's settings need about 9,000)
+
+
 class IntegrationError(RuntimeError):
     """The integrator could not follow the ODEs (they diverge at this learning rate)."""
 
@@ -339,10 +343,28 @@ def integrate(q0, r0, t, v0, v_star, lr, alphas, noise_std=0.0, train_v=True, rt
     if alphas.ndim != 1 or alphas.size == 0 or alphas[0] < 0 or (np.diff(alphas) < 0).any():
         raise ValueError("alphas must be a non-empty increasing sequence of times >= 0")
     y0, settings = pack(q0, r0, v0), (float(lr), float(noise_std) ** 2, bool(train_v))
+    limit = DIVERGED * (1.0 + np.abs(y0).max() + np.abs(t).max() + np.abs(v_star).max() ** 2)
+
+    def diverges(_, y):               # crosses zero when an order parameter passes `limit`
+        return limit - np.abs(y).max()
+    diverges.terminal = True
+    calls = [0]
+
+    def right_hand_side(alpha, y):
+        calls[0] += 1
+        if calls[0] > MAX_EVALUATIONS:
+            raise IntegrationError(
+                f"the ODEs needed more than {MAX_EVALUATIONS} evaluations to reach alpha = "
+                f"{alpha:.3g} of {alphas[-1]:g} (their steps shrink as the learning rate grows)")
+        return rates(y, k, t, v_star, *settings)
     start = time.perf_counter()
     if alphas[-1] > 0:
-        sol = solve_ivp(lambda _, y: rates(y, k, t, v_star, *settings), (0.0, alphas[-1]), y0,
-                        method="RK45", t_eval=alphas, rtol=rtol, atol=atol)
+        sol = solve_ivp(right_hand_side, (0.0, alphas[-1]), y0, method="RK45", t_eval=alphas,
+                        rtol=rtol, atol=atol, events=diverges)
+        if sol.status == 1:
+            raise IntegrationError(f"the order parameters diverge (beyond {limit:.3g} at alpha "
+                                   f"= {sol.t_events[0][0]:.3g}): the training they describe "
+                                   "diverges")
         if not sol.success:
             raise IntegrationError(f"the ODE integration failed: {sol.message}")
         ys, evaluations = sol.y.T, sol.nfev
