@@ -20,9 +20,12 @@ def read_run(folder):
     """(record, students, date, {name: rows}) of a run folder; one sentence if a file is
     missing or its claims.md has no dated title."""
     tables = {}
-    for name in ("results", "expectations", "claims"):
+    for name in ("results", "expectations", "claims", "theory"):
         path = os.path.join(folder, f"{name}.csv")
         if not os.path.isfile(path):
+            if name == "theory":              # a run of a release without the theory
+                tables[name] = []
+                continue
             raise cli.UserError(f"{folder} is not a reproduce.py run folder: {name}.csv is "
                                 "missing")
         with open(path, newline="") as f:
@@ -84,19 +87,27 @@ def verdict_tables(claim_rows, record, students, date):
         part = [r for r in claim_rows if (int(r["student_h_size"]), int(r["teacher_h_size"]),
                                           -int(r["rescale"])) == setting]
         columns = sorted({(float(r["noise"]), int(r["nodes_equivalent"])) for r in part})
-        cells = collections.defaultdict(dict)
+        cells = collections.defaultdict(dict)          # (claim, judged on) -> column -> text
         for r in part:
-            cells[r["claim"]][(float(r["noise"]), int(r["nodes_equivalent"]))] = (
+            judged = r.get("judged_on", "expected")
+            cells[r["claim"], judged][(float(r["noise"]), int(r["nodes_equivalent"]))] = (
                 f"{claims.label(r['verdict'])} {claims.percent(r['relative'])}")
+        lines = sorted(cells, key=lambda key: (list(dict.fromkeys(c for c, _ in cells)).index(
+            key[0]), claims.JUDGED_ON.index(key[1])))
         rows = "" if rescale else ", rows pruned as trained (rescale 0)"
         text = heading(f"Claims at K = {size}, teacher of M = {teacher} nodes{rows}", record,
                        students, date)
         text += ["Each cell: the verdict on 'A below B' and the relative difference (A − B) / B "
                  "of the means across students; columns are σ and the hidden nodes kept (or "
-                 "the same parameters in edges).", ""]
-        text += _table(["claim (A below B)"] + [f"σ={n:g}, {k}" for n, k in columns],
-                       [[claim] + [cells[claim].get(c, "") for c in columns]
-                        for claim in cells])
+                 "the same parameters in edges). Each claim is judged on the expected losses "
+                 "over the mask distribution, on the measured means over the masks drawn, and "
+                 "on the N → ∞ theory (training ODEs and pruning theory alone), one line each.",
+                 ""]
+        text += _table(["claim (A below B)", "judged on"]
+                       + [f"σ={n:g}, {k}" for n, k in columns],
+                       [[claim, claims.JUDGED_ON_WORDS[judged]]
+                        + [cells[claim, judged].get(c, "") for c in columns]
+                        for claim, judged in lines])
         text += ["", kept_line([dict(r, method=(r["a"], r["b"]),
                                      fraction=(r["kept_a"], r["kept_b"])) for r in part],
                                fraction_key="fraction")]
@@ -143,16 +154,24 @@ def build(folder, bench=None):
     """{file name: text} of every table of a run folder (and of a benchmark report)."""
     record, students, date, tables = read_run(folder)
     out = verdict_tables(tables["claims"], record, students, date)
-    out["test_loss.md"] = loss_table(
-        tables["results"], "test_loss", "Measured test loss",
-        "Measured test loss, mean over students of each student's mean over rounds of masks, "
-        "per method and hidden nodes kept (or the same parameters in edges).",
-        record, students, date)
+    if tables["results"]:
+        out["test_loss.md"] = loss_table(
+            tables["results"], "test_loss", "Measured test loss",
+            "Measured test loss, mean over students of each student's mean over rounds of "
+            "masks, per method and hidden nodes kept (or the same parameters in edges).",
+            record, students, date)
     expected = [r for r in tables["expectations"] if r["expected"] != "nan"]
-    out["expected_loss.md"] = loss_table(
-        expected, "expected", "Expected test loss over the mask distribution", "Expected test "
-        "loss over each method's mask distribution (exact for node methods, delta method for "
-        "edge methods), mean over students.", record, students, date)
+    if expected:
+        out["expected_loss.md"] = loss_table(
+            expected, "expected", "Expected test loss over the mask distribution", "Expected "
+            "test loss over each method's mask distribution (exact for node methods, delta "
+            "method for edge methods), mean over students.", record, students, date)
+    theory = [r for r in tables["theory"] if r["theory"] != "nan"]
+    if theory:
+        out["theory_loss.md"] = loss_table(
+            theory, "theory", "Test loss at N → ∞", "Test loss of the pruned student as N → ∞ "
+            "(the training ODEs from each student's seeded start, then the pruning theory; "
+            "docs/theory.md), mean over students.", record, students, date)
     if bench is not None:
         if not os.path.isfile(bench):
             raise cli.UserError(f"--bench {bench} does not exist; run `make bench` first")

@@ -62,6 +62,11 @@ def parse_args(argv=None):
                              "deletes each one once its work is done, so that at most --jobs "
                              "are on disk at a time (they are regenerated bit-identically from "
                              "their recorded seeds if needed again) (default: 1)")
+    parser.add_argument("--theory", default=None, choices=("beside", "only", "none"),
+                        help="the N → ∞ theory (training ODEs, then the pruning theory) of "
+                             "every cell: beside the simulation, only the theory (no data, no "
+                             "SGD: seconds), or none (default: the study's; the presets': "
+                             "beside)")
     parser.add_argument("--seed", type=int, default=None,
                         help="random seed (default: the study's; the presets': 1)")
     parser.add_argument("--jobs", type=int, default=1,
@@ -102,6 +107,7 @@ def configure(args):
     overrides = {name: value for name, value in (
         ("rounds", args.rounds), ("num_masks", args.num_masks), ("students", args.students),
         ("seed", args.seed), ("importance_rule", args.importance_rule),
+        ("theory", args.theory),
         ("rescale", RESCALE_CHOICES.get(args.rescale))) if value is not None}
     study = replace(study, **overrides)
     if args.k20_teacher_h_size is not None:
@@ -128,9 +134,11 @@ def main(argv=None):
     except (sweep.RunFolderError, studies.StudyError, executors.SchedulerUnreachable,
             executors.WorkerProblem, runner.UnitFailed) as e:
         raise cli.UserError(str(e)) from None
-    counts = collections.Counter(r["verdict"].split(" at ")[0] for r in rows)
-    cli.log.info(f"results written to {os.path.join(out, 'results.csv')}; claims on "
-                 f"{study.students} student(s): "
+    main = "expected" if any(r["judged_on"] == "expected" for r in rows) else "theory"
+    counts = collections.Counter(r["verdict"].split(" at ")[0] for r in rows
+                                 if r["judged_on"] == main)
+    cli.log.info(f"tables written in {out}; claims on "
+                 f"{study.students} student(s), judged on the {main} losses: "
                  + ", ".join(f"{n} {v}" for v, n in sorted(counts.items()))
                  + f" (table: {os.path.join(out, 'claims.md')}); {time.time() - start:.0f} s")
 

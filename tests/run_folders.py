@@ -1,7 +1,8 @@
 """What the tests compare run folders by: the tables a study writes, byte for byte."""
 import os
 
-TABLES = ("results.csv", "expectations.csv", "specialisation.csv", "claims.csv", "claims.md")
+TABLES = ("results.csv", "expectations.csv", "specialisation.csv", "theory.csv", "claims.csv",
+          "claims.md")
 
 
 def assert_same_tables(out, reference, tables=TABLES):

@@ -116,4 +116,4 @@ def test_each_row_says_what_fraction_of_the_parameters_each_side_kept():
     assert [(r["kept_a"], r["kept_b"]) for r in out] == [(1 / 6, 1 / 6), (2 / 6, 2 / 6),
                                                         (3 / 6, 3 / 6)]
     text = claims.markdown(out, dict(name="t", input_dim=20, num_data=4000, seed=1), "2026-01-01")
-    assert "| 6 | 2 | 1 | 2 | 33.3% / 33.3% | 5 |" in text
+    assert "| 6 | 2 | 1 | 2 | expected | 33.3% / 33.3% | 5 |" in text

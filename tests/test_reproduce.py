@@ -161,7 +161,7 @@ def test_claims_are_judged_on_the_students_asked_for(three_students, tmp_path, c
     with open(out / "claims.csv") as f:
         rows = list(csv.DictReader(f))
     assert rows and all(r["students"] == "2" for r in rows)
-    assert "claims on 2 student(s): " in capsys.readouterr().out
+    assert "claims on 2 student(s), judged on the expected losses: " in capsys.readouterr().out
     with open(out / "expectations.csv") as f:
         assert {r["student"] for r in csv.DictReader(f)} == {"0", "1", "2"}
 

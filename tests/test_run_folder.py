@@ -87,7 +87,7 @@ def test_noise_levels_have_one_identity(tmp_path, local_run, capsys):
     code, printed, _ = run(["--study", study_file(tmp_path / "b", noise="[0.0]"), "--out", out],
                            capsys)
     assert code == 0 and "0 to run" in printed
-    assert sorted(os.listdir(out / "student_0")) == ["cells", "expectations", "sigma_0"]
+    assert sorted(os.listdir(out / "student_0")) == ["cells", "expectations", "sigma_0", "theory"]
     assert_same_tables(out, local_run("--study", study_file(tmp_path / "c", noise="[0.0]")))
 
     out = tmp_path / "near"
@@ -126,7 +126,8 @@ def test_a_truncated_unit_file_is_said_and_run_again(tmp_path, local_run, capsys
     code, printed, _ = run(["--study", path, "--out", out], capsys)
     assert code == 0
     assert ("student_0/cells/sigma0_K6_dpp_node_k2.npz is not used (it cannot be read "
-            "(BadZipFile: truncated or damaged)); its unit runs again") in printed
+            "(BadZipFile: truncated, damaged or written by an earlier release)); its unit runs "
+            "again") in printed
     assert "student_0/expectations/sigma0_K6.npz is not used" in printed
     assert "2 to run" in printed
     assert_same_tables(out, local_run("--study", path))
@@ -175,11 +176,18 @@ def test_huge_sizes_are_refused_before_anything_is_written(tmp_path, capsys):
 def test_a_diverged_training_says_so(tmp_path, capsys):
     path = study_file(tmp_path, methods='["random_node"]', extra="\n[training]\nlr = 1e6\n")
     out = tmp_path / "run"
-    code, _, err = run(["--study", path, "--out", out], capsys)
+    code, _, err = run(["--study", path, "--out", out, "--theory", "none"], capsys)
     assert code == 2
     assert err[-1].endswith(f"error: {out}: training diverged (non-finite weights) for the "
                             f"student of K = 6 on data set {out}/student_0/sigma_0 (lr 1e+06, "
                             "v_star 4, noise 0); use a smaller lr or v_star"), err
+    code, _, err = run(["--study", path, "--out", tmp_path / "theory", "--theory", "only"],
+                       capsys)
+    assert code == 2
+    assert err[-1].split(": error: ", 1)[1].startswith(f"{tmp_path / 'theory'}: the training ODEs "
+                              "of student 0, noise 0, M = 2, K = 6 (lr 1e+06, v_star 4, "
+                              "alpha_end 200) could not be integrated (") and err[-1].endswith(
+        "; use a smaller lr or v_star (or run without the theory: --theory none)"), err
     assert not list(out.rglob("student_6.pth"))
     assert not (out / "student_0" / "sigma_0" / "data.npz").exists()   # nothing half made
 

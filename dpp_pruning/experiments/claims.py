@@ -24,7 +24,8 @@ import numpy as np
 import scipy.stats
 
 CLAIM_COLUMNS = ("claim", "noise", "student_h_size", "teacher_h_size", "rescale",
-                 "nodes_equivalent", "a", "b", "kept_a", "kept_b", "basis", "students",
+                 "nodes_equivalent", "judged_on", "a", "b", "kept_a", "kept_b", "basis",
+                 "students",
                  "mean_a", "mean_b", "mean_difference", "ci_low", "ci_high", "relative",
                  "agree", "verdict")
 
@@ -60,28 +61,42 @@ def _key(row):
             int(row["rescale"]), int(row["nodes_equivalent"]))
 
 
-def fractions_kept(expectation_rows, result_rows=()):
+# what a claim is judged on, each its own row: the expected loss over the mask distribution
+# (the measured mean where none is derived), the measured mean over the masks drawn, and the
+# N → ∞ theory of the training ODEs and the pruning theory
+JUDGED_ON = ("expected", "measured", "theory")
+JUDGED_ON_WORDS = {"expected": "expected", "measured": "measured", "theory": "N → ∞"}
+
+
+def fractions_kept(*row_lists):
     """{(setting, method): fraction of the student's parameters its budget keeps}, from the
     rows' fraction_kept (NaN where the rows do not say)."""
     return {(_key(row), row["method"]): float(row.get("fraction_kept", math.nan))
-            for row in list(expectation_rows) + list(result_rows)}
+            for rows in row_lists for row in rows}
+
+
+def _values(rows, column, basis):
+    """{(setting, method, reweighting): {student: (value, basis)}} of the rows' finite
+    `column` values, the mean over a student's rows of one setting (rounds of masks)."""
+    found = defaultdict(list)
+    for row in rows:
+        value = float(row[column])
+        if math.isfinite(value):
+            found[(_key(row), row["method"], int(row["reweighting"]), int(row["student"]))
+                  ].append(value)
+    table = defaultdict(dict)
+    for (setting, method, rw, student), values in found.items():
+        table[(setting, method, rw)][student] = (float(np.mean(values)), basis)
+    return table
 
 
 def losses_by_student(expectation_rows, result_rows=()):
     """{(setting, method, reweighting): {student: (loss, basis)}}, setting = (noise, K, M,
     rescale, nodes): the expected loss where derived, else the measured mean over rounds."""
-    table = defaultdict(dict)
-    for row in expectation_rows:
-        value = float(row["expected"])
-        if math.isfinite(value):
-            table[(_key(row), row["method"], int(row["reweighting"]))][int(row["student"])] = (
-                value, "expected")
-    measured = defaultdict(list)
-    for row in result_rows:
-        measured[(_key(row), row["method"], int(row["reweighting"]), int(row["student"]))].append(
-            float(row["test_loss"]))
-    for (setting, method, rw, student), values in measured.items():
-        table[(setting, method, rw)].setdefault(student, (float(np.mean(values)), "measured"))
+    table = _values(expectation_rows, "expected", "expected")
+    for key, students in _values(result_rows, "test_loss", "measured").items():
+        for student, found in students.items():
+            table[key].setdefault(student, found)
     return table
 
 
@@ -110,36 +125,50 @@ def verdict(low, high, students):
     return f"not resolved at {students} student{'s' if students != 1 else ''}"
 
 
-def evaluate(expectation_rows, result_rows=(), claims=CLAIMS):
-    """One row per claim and setting where both sides exist for at least one student."""
-    table = losses_by_student(expectation_rows, result_rows)
-    kept = fractions_kept(expectation_rows, result_rows)
-    settings = sorted({key[0] for key in table})
+def evaluate(expectation_rows, result_rows=(), claims=CLAIMS, theory_rows=()):
+    """One row per claim, setting and what it is judged on (JUDGED_ON) where both sides exist
+    for at least one student: the expected losses (expectations.csv, with the measured mean
+    standing in where none is derived), the measured means (results.csv: both sides
+    simulated) and the N → ∞ theory (theory.csv)."""
+    tables = {"expected": losses_by_student(expectation_rows, result_rows),
+              "measured": _values(result_rows, "test_loss", "measured"),
+              "theory": _values(theory_rows, "theory", "theory")}
+    kept = fractions_kept(expectation_rows, result_rows, theory_rows)
+    settings = sorted({key[0] for table in tables.values() for key in table})
     out = []
     for claim in claims:
         for setting in settings:
-            a = table.get((setting, *claim.a), {})
-            b = table.get((setting, *claim.b), {})
-            students = sorted(set(a) & set(b))
-            if not students:
-                continue
-            la = np.array([a[s][0] for s in students])
-            lb = np.array([b[s][0] for s in students])
-            basis = {a[s][1] for s in students} | {b[s][1] for s in students}
-            mean, low, high = paired_interval(la - lb)
-            noise, k_nodes, m, rescale, nodes = setting
-            out.append(dict(claim=claim.text, noise=noise, student_h_size=k_nodes,
-                            teacher_h_size=m, rescale=rescale, nodes_equivalent=nodes,
-                            a=f"{claim.a[0]}{' rw' if claim.a[1] else ''}",
-                            b=f"{claim.b[0]}{' rw' if claim.b[1] else ''}",
-                            kept_a=kept.get((setting, claim.a[0]), math.nan),
-                            kept_b=kept.get((setting, claim.b[0]), math.nan),
-                            basis="measured" if "measured" in basis else "expected",
-                            students=len(students), mean_a=float(la.mean()),
-                            mean_b=float(lb.mean()), mean_difference=mean, ci_low=low,
-                            ci_high=high, relative=mean / float(lb.mean()),
-                            agree=int(np.sum(la < lb)), verdict=verdict(low, high, len(students))))
+            for judged_on in JUDGED_ON:
+                row = _judge(claim, setting, judged_on, tables[judged_on], kept)
+                if row is not None:
+                    out.append(row)
     return out
+
+
+def _judge(claim, setting, judged_on, table, kept):
+    """The claim's row at one setting, judged on one table; None where no student has both
+    sides."""
+    a = table.get((setting, *claim.a), {})
+    b = table.get((setting, *claim.b), {})
+    students = sorted(set(a) & set(b))
+    if not students:
+        return None
+    la = np.array([a[s][0] for s in students])
+    lb = np.array([b[s][0] for s in students])
+    bases = {a[s][1] for s in students} | {b[s][1] for s in students}
+    mean, low, high = paired_interval(la - lb)
+    noise, k_nodes, m, rescale, nodes = setting
+    return dict(claim=claim.text, noise=noise, student_h_size=k_nodes, teacher_h_size=m,
+                rescale=rescale, nodes_equivalent=nodes, judged_on=judged_on,
+                a=f"{claim.a[0]}{' rw' if claim.a[1] else ''}",
+                b=f"{claim.b[0]}{' rw' if claim.b[1] else ''}",
+                kept_a=kept.get((setting, claim.a[0]), math.nan),
+                kept_b=kept.get((setting, claim.b[0]), math.nan),
+                basis="measured" if "measured" in bases else bases.pop(),
+                students=len(students), mean_a=float(la.mean()), mean_b=float(lb.mean()),
+                mean_difference=mean, ci_low=low, ci_high=high,
+                relative=mean / float(lb.mean()), agree=int(np.sum(la < lb)),
+                verdict=verdict(low, high, len(students)))
 
 
 def kept_percent(fraction):
@@ -181,8 +210,9 @@ def small_run(record, students):
 
 def small_run_note(record, students):
     return (f"This run is below the paper's scale (N = {record['input_dim']}, P = "
-            f"{record['num_data']}, {students} students; the paper: N = 500, P = 800000, 5 "
-            "students): its verdicts and numbers are not the paper-scale ones.")
+            f"{record['num_data']}, {students} student{'s' if students != 1 else ''}; the "
+            "paper: N = 500, P = 800000, 5 students): its verdicts and numbers are not the "
+            "paper-scale ones.")
 
 
 def markdown(rows, record, date):
@@ -194,15 +224,19 @@ def markdown(rows, record, date):
         lines += [small_run_note(record, students), ""]
     lines += ["Verdicts: holds (the 95% interval of the mean difference A − B lies below "
               "zero), fails (above zero), not resolved (n students) (the interval contains "
-              "zero).", "",
-              "| claim | σ | K | M | rescale | nodes | kept A / B | students | "
+              "zero). Judged on: expected (the expected loss over each method's mask "
+              "distribution; basis `measured` where none is derived), measured (the mean "
+              "over the masks drawn), N → ∞ (the training ODEs and the pruning theory alone).",
+              "",
+              "| claim | σ | K | M | rescale | nodes | judged on | kept A / B | students | "
               "mean A − B (95% CI) | relative | A lower for | basis | verdict |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ci = ("" if not math.isfinite(r["ci_low"])
               else f" ({r['ci_low']:+.4f}, {r['ci_high']:+.4f})")
         lines.append(f"| {r['claim']} | {r['noise']:g} | {r['student_h_size']} | "
                      f"{r['teacher_h_size']} | {r['rescale']} | {r['nodes_equivalent']} | "
+                     f"{JUDGED_ON_WORDS[r['judged_on']]} | "
                      f"{kept_percent(r['kept_a'])} / {kept_percent(r['kept_b'])} | "
                      f"{r['students']} | {r['mean_difference']:+.4f}{ci} | "
                      f"{100 * r['relative']:+.1f}% | {r['agree']}/{r['students']} | "

@@ -59,25 +59,35 @@ class SchedulerLost(ConnectionError):
     """The Dask scheduler stopped answering during the run."""
 
 
+def _data_file_bytes(study):
+    """Bytes of a data set's data.npz: its test set (float32) and Gram matrix (float64)."""
+    n = study.input_dim
+    return 4 * study.num_test * (n + 1) + 8 * n * n
+
+
 def unit_memory(study):
-    """Bytes one worker process holds while it runs a unit of `study`: the teacher data set
-    (inputs, labels, test set, Gram matrix), the chunks of the hidden-activation Gram, and
-    the dpp_edge kernels with their eigenvectors of the widest panel."""
-    from dpp_pruning.base.data import dataset_nbytes
+    """Bytes one worker process holds while it runs a unit of `study`: the training inputs
+    the data set unit keeps between its passes (up to sweep.KEEP_BYTES; larger ones stream),
+    one chunk of them in float64, the data file's test set and Gram matrix, and the dpp_edge
+    kernels with their eigenvectors of the widest panel. A theory-only study holds no data."""
+    from dpp_pruning.base.data import CHUNK_ROWS
+    from dpp_pruning.experiments.sweep import KEEP_BYTES
+    if study.theory == "only":
+        return 256 << 20
     n, widest = study.input_dim, max(p.student_h_size for p in study.panels)
-    data = dataset_nbytes(n, study.num_data, study.num_test)
-    return int(1.1 * data) + 2 * 65536 * n * 8 + 2 * widest * n * n * 8
+    inputs = 4 * study.num_data * n
+    held = inputs if inputs <= KEEP_BYTES else 0
+    return (int(1.1 * (held + _data_file_bytes(study))) + 2 * CHUNK_ROWS * n * 8
+            + 2 * widest * n * n * 8)
 
 
 def check_disk(study, out, datasets):
-    """Refuse before any unit runs when `datasets` more teacher files would not fit on the
-    disk of the run folder."""
-    from dpp_pruning.base.data import dataset_nbytes
+    """Refuse before any unit runs when `datasets` more data files would not fit on the disk
+    of the run folder."""
     if datasets:
-        nbytes = datasets * dataset_nbytes(study.input_dim, study.num_data, study.num_test)
-        cli.check_disk(nbytes, os.path.join(out, "x"),
-                       f"{datasets} teacher data set(s) of N = {study.input_dim}, P = "
-                       f"{study.num_data}")
+        cli.check_disk(datasets * _data_file_bytes(study), os.path.join(out, "x"),
+                       f"{datasets} data set(s) of N = {study.input_dim}, {study.num_test} "
+                       "test samples")
 
 
 def _check_local_memory(slots, unit_bytes):

@@ -334,10 +334,13 @@ def figure_random_edge_closed_form(run):
 # ----------------------------------------------------------------------------------------
 # The claims across students (claims.csv, expectations.csv, specialisation.csv)
 
-def claim_tables(run):
-    """claims, expectations and specialisation of a run as DataFrames (rescaled rows)."""
+def claim_tables(run, judged_on="expected"):
+    """claims (those judged on `judged_on`: claims.JUDGED_ON), expectations and
+    specialisation of a run as DataFrames (rescaled rows)."""
     claims, expected, special = (pd.read_csv(os.path.join(run.out, name)) for name in
                                  ("claims.csv", "expectations.csv", "specialisation.csv"))
+    if "judged_on" in claims:                           # runs of earlier releases lack it
+        claims = claims[claims.judged_on == judged_on]
     return (claims[claims.rescale == 1], expected[expected.rescale == 1],
             special[special.rescale == 1])
 

@@ -5,7 +5,13 @@
 - expectations.csv: one row per student, dataset, panel, rescaling, method, budget and
   reweighting (the expected test loss, its first-order value and its spread over masks);
 - specialisation.csv: per student, dataset and panel, how many student nodes serve each
-  teacher node and their outgoing weights.
+  teacher node and their outgoing weights;
+- theory.csv: one row per student, dataset, panel, rescaling, method (all six), budget and
+  reweighting: the test loss at N → ∞ from the training ODEs and the pruning theory alone.
+results.csv and expectations.csv carry two theory columns beside `expected`: `theory` (that
+N → ∞ prediction) and `theory_trained` (the pruning theory at the trained student's own
+order parameters, without the training ODEs), so that a gap between simulation and theory
+can be told apart as the pruning theory's or the training ODEs'.
 Finished files are parsed once and kept, so rewriting the tables after every unit stays cheap.
 """
 import csv
@@ -23,10 +29,14 @@ from dpp_pruning.experiments import sweep
 RESULT_COLUMNS = ("student", "noise", "teacher_h_size", "student_h_size", "rescale", "method",
                   "reweighting", "k", "nodes_equivalent", "fraction_kept", "round", "test_loss",
                   "predicted_loss", "test_loss_std", "expected", "expected_first_order",
-                  "unpruned_test_loss", "unpruned_predicted_loss")
+                  "theory_trained", "theory", "unpruned_test_loss", "unpruned_predicted_loss")
 EXPECTATION_COLUMNS = ("student", "noise", "teacher_h_size", "student_h_size", "rescale",
                        "method", "reweighting", "k", "nodes_equivalent", "fraction_kept",
-                       "expected", "expected_first_order", "expected_sd", "unpruned_expected")
+                       "expected", "expected_first_order", "expected_sd", "theory_trained",
+                       "theory", "unpruned_expected")
+THEORY_COLUMNS = ("student", "noise", "teacher_h_size", "student_h_size", "rescale", "method",
+                  "reweighting", "k", "nodes_equivalent", "fraction_kept", "theory",
+                  "unpruned_theory")
 SPECIALISATION_COLUMNS = ("student", "noise", "teacher_h_size", "student_h_size", "rescale",
                           "teacher_node", "student_nodes", "summed_v", "effective_v")
 
@@ -65,8 +75,9 @@ class RunTables:
         self._cell_rows = {}        # cell -> list of row dicts (without the expectation)
         self._group_rows = {}       # group -> list of expectation row dicts
         self._special = {}          # group -> list of specialisation row dicts
+        self._theory_rows = {}      # theory unit -> list of theory row dicts
         self.unusable = {}          # path -> why its unit runs again
-        for kind in ("cells", "expectations"):
+        for kind in ("cells", "expectations", "theory"):
             for path in sorted(glob.glob(os.path.join(out, "student_*", kind, "*.npz"))):
                 try:
                     self._parse(path)
@@ -83,10 +94,14 @@ class RunTables:
                       key=lambda g: _order(g.dataset) + (g.student_h_size, -g.rescale))
 
     def done(self, unit):
-        """Whether `unit` is finished: its file was read, and a group's file holds every row
-        the study asks of it (a panel grown by methods or budgets asks more)."""
+        """Whether `unit` is finished: its file was read, and a group's or theory unit's file
+        holds every row the study asks of it (a grown panel asks more)."""
         if isinstance(unit, sweep.Cell):
             return unit in self._cell_rows
+        if isinstance(unit, sweep.Theory):
+            held = {(r["rescale"], sweep.ALL_METHODS.index(r["method"]), r["nodes_equivalent"],
+                     r["reweighting"]) for r in self._theory_rows.get(unit, ())}
+            return bool(held) and set(sweep.theory_wanted(self.study, unit)) <= held
         if unit not in self._group_rows:
             return False
         held = {(sweep.ALL_METHODS.index(r["method"]), r["k"], r["nodes_equivalent"],
@@ -95,36 +110,33 @@ class RunTables:
 
     def add(self, unit):
         """Parse the file of a unit that has just finished."""
-        path = (sweep.cell_path(self.out, unit) if isinstance(unit, sweep.Cell)
-                else sweep.group_path(self.out, unit))
-        self._parse(path)
+        self._parse(_KINDS[type(unit)][0](self.out, unit))
 
     def _parse(self, path):
         """Read one unit file into the tables, verifying it; UnitFileError if it cannot be
         used (a name clash with another unit's setting is raised as is, with its own
         message)."""
-        cell_file = os.path.basename(os.path.dirname(path)) == "cells"
+        kind = os.path.basename(os.path.dirname(path))
+        unit_path, from_meta, read, _ = next(v for v in _KINDS.values() if v[3] == kind)
         try:
             with np.load(path) as z:
-                meta = str(z["meta"])
-                unit = sweep.cell_from_meta(meta) if cell_file else sweep.group_from_meta(meta)
-                rows = self._cell_file_rows(unit, z) if cell_file else self._group_file_rows(
-                    unit, z)
+                unit = from_meta(z["meta"])
+                rows = read(self, unit, z)
         except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
-            raise UnitFileError(f"it cannot be read ({type(e).__name__}: truncated or "
-                                "damaged)") from None
-        expected = sweep.cell_path(self.out, unit) if cell_file else sweep.group_path(self.out,
-                                                                                       unit)
+            raise UnitFileError(f"it cannot be read ({type(e).__name__}: truncated, damaged or "
+                                "written by an earlier release)") from None
         name = os.path.basename(path)[:-len(".npz")]
-        if os.path.abspath(expected) != os.path.abspath(path):
-            if cell_file and name.startswith(unit.group.name + "_"):
+        if os.path.abspath(unit_path(self.out, unit)) != os.path.abspath(path):
+            if kind == "cells" and name.startswith(unit.group.name + "_"):
                 raise UnitFileError(f"it holds {unit.name}, named otherwise by an earlier "
                                     "release")
             raise sweep.RunFolderError(
                 f"{path} holds the unit {unit.name} of another setting than its name says "
                 "(an earlier release gave two noise levels one name); use another --out")
-        if cell_file:
+        if kind == "cells":
             self._cell_rows[unit] = rows
+        elif kind == "theory":
+            self._theory_rows[unit] = rows
         else:
             self._group_rows[unit], self._special[unit] = rows
 
@@ -154,43 +166,85 @@ class RunTables:
                      fraction_kept=sweep.fraction_kept(sweep.ALL_METHODS[int(m)], int(k),
                                                        study.input_dim, group.student_h_size),
                      expected=value, expected_first_order=first, expected_sd=sd,
-                     unpruned_expected=float(z["unpruned_expected"]))
-                for m, k, nodes, rw, value, first, sd in z["rows"]]
+                     theory_trained=trained, unpruned_expected=float(z["unpruned_expected"]))
+                for m, k, nodes, rw, value, first, sd, trained in z["rows"]]
         special = [dict(**fields, teacher_node=n, student_nodes=int(c), summed_v=float(s),
                         effective_v=float(e))
                    for n, (c, s, e) in enumerate(zip(z["counts"], z["summed"], z["effective"],
                                                      strict=True))]
         return rows, special
 
+    def _theory_file_rows(self, unit, z):
+        study, size = self.study, unit.student_h_size
+        unpruned = float(z["unpruned_theory"])
+        rows = []
+        for rescale, m, nodes, rw, value in z["rows"]:
+            method = sweep.ALL_METHODS[int(m)]
+            k = sweep.budget(method, int(nodes), study.input_dim, size)
+            rows.append(dict(**_group_fields(study, sweep.Group(unit.dataset, size,
+                                                                int(rescale))),
+                             method=method, reweighting=int(rw), k=k,
+                             nodes_equivalent=int(nodes),
+                             fraction_kept=sweep.fraction_kept(method, k, study.input_dim, size),
+                             theory=value, unpruned_theory=unpruned))
+        return rows
+
+    def theory_rows(self):
+        """Rows of every theory unit, by data set and panel; within a unit, by rescaling
+        (1 first), method, budget and reweighting, as its file holds them."""
+        units = sorted(self._theory_rows, key=lambda u: _order(u.dataset) + (u.student_h_size,))
+        return [row for u in units for row in self._theory_rows[u]]
+
+    def _theory_lookup(self):
+        """(student, noise, M, K, rescale, method, nodes kept, reweighting) -> theory."""
+        return {_setting(row): row["theory"] for rows in self._theory_rows.values()
+                for row in rows}
+
     def expectation_rows(self):
-        return [row for g in self.groups if g in self._group_rows for row in self._group_rows[g]]
+        theory = self._theory_lookup()
+        return [dict(row, theory=theory.get(_setting(row), math.nan))
+                for g in self.groups if g in self._group_rows for row in self._group_rows[g]]
 
     def specialisation_rows(self):
         return [row for g in self.groups if g in self._special for row in self._special[g]]
 
     def result_rows(self):
-        lookup = {}
-        for g, rows in self._group_rows.items():
-            for row in rows:
-                lookup[(g, row["method"], row["k"], row["reweighting"])] = row
+        lookup = {_setting(row): row for rows in self._group_rows.values() for row in rows}
+        theory = self._theory_lookup()
         out = []
         for cell in self.cells:
             for row in self._cell_rows.get(cell, ()):
-                found = lookup.get((cell.group, cell.method, cell.k, row["reweighting"]))
-                out.append(dict(row, expected=found["expected"] if found else math.nan,
-                                expected_first_order=(found["expected_first_order"] if found
-                                                      else math.nan)))
+                found = lookup.get(_setting(row), {})
+                out.append(dict(row, **{key: found.get(key, math.nan) for key in (
+                    "expected", "expected_first_order", "theory_trained")},
+                    theory=theory.get(_setting(row), math.nan)))
         return out
 
     def write(self):
-        """Rewrite the three tables (atomically); returns the path of results.csv."""
+        """Rewrite the four tables (atomically); returns the path of results.csv."""
         for name, columns, rows in (("results.csv", RESULT_COLUMNS, self.result_rows()),
                                     ("expectations.csv", EXPECTATION_COLUMNS,
                                      self.expectation_rows()),
                                     ("specialisation.csv", SPECIALISATION_COLUMNS,
-                                     self.specialisation_rows())):
+                                     self.specialisation_rows()),
+                                    ("theory.csv", THEORY_COLUMNS, self.theory_rows())):
             write_csv(os.path.join(self.out, name), columns, rows)
         return os.path.join(self.out, "results.csv")
+
+
+def _setting(row):
+    """The key of a row's setting: student, noise, M, K, rescale, method, nodes, reweighting."""
+    return tuple(row[k] for k in ("student", "noise", "teacher_h_size", "student_h_size",
+                                  "rescale", "method", "nodes_equivalent", "reweighting"))
+
+
+_KINDS = {   # unit type -> (its file's path, its unit from the file's meta, its rows, folder)
+    sweep.Cell: (sweep.cell_path, sweep.cell_from_meta, RunTables._cell_file_rows, "cells"),
+    sweep.Group: (sweep.group_path, sweep.group_from_meta, RunTables._group_file_rows,
+                  "expectations"),
+    sweep.Theory: (sweep.theory_path, sweep.theory_from_meta, RunTables._theory_file_rows,
+                   "theory"),
+}
 
 
 def write_csv(path, columns, rows):

@@ -59,8 +59,10 @@ def _run(study, recorded, folder, methods, pool, keep_data):
     from dpp_pruning.experiments.run_tables import RunTables, write_csv
 
     out = folder.path
-    cells = sweep.grid(study, methods)
-    groups = sweep.groups(study)
+    simulate = study.theory != "only"
+    cells = sweep.grid(study, methods) if simulate else []
+    groups = sweep.groups(study) if simulate else []
+    theories = sweep.theories(study)
     try:
         tables = RunTables(recorded, out)
     except sweep.RunFolderError as e:
@@ -71,17 +73,19 @@ def _run(study, recorded, folder, methods, pool, keep_data):
     for unit in groups + cells:
         if not tables.done(unit):
             work[unit.dataset].append(unit)
+    free = [unit for unit in theories if not tables.done(unit)]      # need no data set
     unready = [d for d in work if not sweep.dataset_ready(study, out, d)]
-    todo = sum(len(units) for units in work.values())
-    total = len(cells) + len(groups)
-    cli.log.info(f"study '{study.name}', {study.students} student(s): {len(cells)} cells and "
-                 f"{len(groups)} expectation groups, {total - todo} already "
-                 f"done, {todo} to run, {len(unready)} data set(s) to make")
+    todo = sum(len(units) for units in work.values()) + len(free)
+    total = len(cells) + len(groups) + len(theories)
+    cli.log.info(f"study '{study.name}', {study.students} student(s): {len(cells)} cells, "
+                 f"{len(groups)} expectation groups and {len(theories)} theory units, "
+                 f"{total - todo} already done, {todo} to run, {len(unready)} data set(s) to "
+                 "make")
     executors.check_disk(study, out, len(unready) if keep_data else min(len(unready),
                                                                           pool.slots))
     cli.log.info(f"work units run in {pool.description}")
-    schedule = _Schedule(study, recorded, folder, pool, work, unready, keep_data, total - todo,
-                         total)
+    schedule = _Schedule(study, recorded, folder, pool, work, free, unready, keep_data,
+                         total - todo, total)
     written = time.monotonic()
     try:                               # the tables of what is done, also when the run stops
         with Bar(len(unready) + todo, f"{study.name} grid", unit="unit") as bar:
@@ -101,7 +105,8 @@ def _run(study, recorded, folder, methods, pool, keep_data):
     # folder holds more; the tables keep every student
     rows = claims.evaluate(
         [r for r in tables.expectation_rows() if r["student"] < study.students],
-        [r for r in tables.result_rows() if r["student"] < study.students])
+        [r for r in tables.result_rows() if r["student"] < study.students],
+        theory_rows=[r for r in tables.theory_rows() if r["student"] < study.students])
     write_csv(os.path.join(out, "claims.csv"), claims.CLAIM_COLUMNS, rows)
     with atomic_open(os.path.join(out, "claims.md"), "w") as f:
         f.write(claims.markdown(rows, studies.record(recorded), time.strftime("%Y-%m-%d")))
@@ -109,14 +114,16 @@ def _run(study, recorded, folder, methods, pool, keep_data):
 
 
 class _Schedule:
-    """The unfinished units of a run (work: data set -> its cells and groups; unready: the
-    data sets to make first), submitted to the pool data set by data set: all at once, or
-    with keep_data=False at most pool.slots data sets at a time, each one's data file
-    removed once its last unit is done."""
+    """The unfinished units of a run (work: data set -> its cells and groups; free: the
+    theory units, which need no data set; unready: the data sets to make first), submitted to
+    the pool: the theory units at once, the others data set by data set: all at once, or with
+    keep_data=False at most pool.slots data sets at a time, each one's data file removed once
+    its last unit is done."""
 
-    def __init__(self, study, recorded, folder, pool, work, unready, keep_data, done, total):
+    def __init__(self, study, recorded, folder, pool, work, free, unready, keep_data, done,
+                 total):
         self.study, self.recorded, self.folder, self.pool = study, recorded, folder, pool
-        self.work, self.unready, self.keep_data = work, unready, keep_data
+        self.work, self.free, self.unready, self.keep_data = work, free, unready, keep_data
         self.waiting = collections.deque(work)              # data sets not opened yet
         self.left = {d: len(units) for d, units in work.items()}
         self.pending = {}                                   # future -> unit
@@ -158,6 +165,9 @@ class _Schedule:
     def finished(self):
         """Yield (unit, its result) as units finish, submitting the work that follows."""
         from dpp_pruning.experiments import sweep
+        for unit in self.free:
+            self.pending[self.pool.submit(sweep.run_theory, self.recorded, self.folder,
+                                          unit)] = unit
         for _ in range(len(self.waiting) if self.keep_data else self.pool.slots):
             if self.waiting:
                 self._open_next()
@@ -167,6 +177,8 @@ class _Schedule:
                 result = self._result(future, unit)
                 if isinstance(unit, sweep.Dataset):
                     self._submit_work(unit)
+                elif isinstance(unit, sweep.Theory):
+                    self.done += 1
                 else:
                     self.done += 1
                     self.left[unit.dataset] -= 1
@@ -200,6 +212,8 @@ def _unit_failure(error, unit, out):
                           "kernel's rank (more data, or fewer nodes kept)")
     if isinstance(error, sweep.TrainingDiverged):
         return UnitFailed(f"{out}: {error}")
+    if type(error).__name__ == "IntegrationError":
+        return UnitFailed(f"{out}: {error} (or run without the theory: --theory none)")
     if type(error).__name__ == "KilledWorker":
         return UnitFailed(f"{out}: unit {name} killed every Dask worker that ran it, up to the "
                           "scheduler's limit of retries (out of memory?); the units already "

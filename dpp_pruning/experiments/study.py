@@ -7,6 +7,7 @@
     [masks]     rounds, num_masks, reweighting
     [variants]  rescale, importance_rule
     [run]       students, seed
+    [theory]    mode: beside (the N → ∞ theory beside the simulation), only, none
     [[panels]]  student_h_size (K), methods, nodes_kept or fractions_kept, teacher_h_sizes
 
 studies/smoke.toml, small.toml and paper.toml are the presets (`--preset NAME`). A file is
@@ -29,6 +30,7 @@ from dpp_pruning.base.cli import FLOAT32_MAX
 
 STUDIES_DIR = os.path.join(ROOT, "studies")
 RECORD = "study.json"
+THEORY_MODES = ("beside", "only", "none")
 # a study's name is one path component (its default folder is runs/<name>)
 NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
@@ -88,6 +90,8 @@ class Study:
     importance_rule: str = "magnitude"
     students: int = 1
     seed: int = 1
+    theory: str = "beside"           # THEORY_MODES: the N → ∞ theory beside the simulation,
+    #                                  only the theory (no data, no SGD), or none
     name: str = "study"
     description: str = ""
 
@@ -201,6 +205,7 @@ SCHEMA = {
                                      lambda c, k, v: c.choice(k, v, IMPORTANCE_RULES))},
     "run": {"students": ("students", lambda c, k, v: c.integer(k, v, 1)),
             "seed": ("seed", lambda c, k, v: c.integer(k, v, 0, 2**63 - 1))},
+    "theory": {"mode": ("theory", lambda c, k, v: c.choice(k, v, THEORY_MODES))},
 }
 REQUIRED = (("data", "input_dim"), ("data", "num_data"), ("data", "noise_levels"))
 PANEL_KEYS = ("student_h_size", "methods", "nodes_kept", "fractions_kept", "teacher_h_sizes")
@@ -406,7 +411,7 @@ def merge(old, new, where):
         key = (size, p.methods, p.node_budgets)
         panels[key] = replace(p, teacher_h_sizes=(panels[key].teacher_h_sizes + (m,)
                                                   if key in panels else (m,)))
-    merged = replace(old, students=max(old.students, new.students),
+    merged = replace(old, students=max(old.students, new.students), theory=new.theory,
                      noise_levels=tuple(sorted(set(old.noise_levels) | set(new.noise_levels))),
                      teacher_h_sizes=union(old.teacher_h_sizes, new.teacher_h_sizes),
                      rescale=tuple(sorted(set(old.rescale) | set(new.rescale), reverse=True)),

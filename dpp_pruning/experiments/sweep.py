@@ -117,6 +117,18 @@ class Group:
                 + ("" if self.rescale else "_rescale0"))
 
 
+@dataclass(frozen=True)
+class Theory:
+    """The N → ∞ theory of one trained student, from seeds alone (theory_rows): data set and
+    panel size; its rows cover every rescaling, method, budget and reweighting."""
+    dataset: Dataset
+    student_h_size: int
+
+    @property
+    def name(self):
+        return Group(self.dataset, self.student_h_size).name
+
+
 def edge_budget(nodes, input_dim, student_h_size):
     """Weights per node e with K e + K = nodes (N + 1), rounded half up, within 1..N (a study
     refuses budgets whose e would round to zero: study._check_edge_budget)."""
@@ -182,6 +194,14 @@ def grid(study, methods=None, students=None):
     return cells
 
 
+def theories(study, students=None):
+    """Every theory unit of a run (none where the study's theory mode is none)."""
+    if study.theory == "none":
+        return []
+    return [Theory(d, panel.student_h_size) for d in datasets(study, students)
+            for panel in panels_of(study, d)]
+
+
 def groups(study, students=None):
     """Every expectation group of a run."""
     return [Group(d, panel.student_h_size, rescale) for d in datasets(study, students)
@@ -202,6 +222,10 @@ def student_path(out, dataset, student_h_size):
 
 def cell_path(out, cell):
     return os.path.join(student_dir(out, cell.student), "cells", cell.name + ".npz")
+
+
+def theory_path(out, unit):
+    return os.path.join(student_dir(out, unit.dataset.student), "theory", unit.name + ".npz")
 
 
 def group_path(out, group):
@@ -324,6 +348,11 @@ def mask_seed(study, cell, rnd):
 
 def cell_from_meta(meta):
     return Cell(**json.loads(str(meta)))
+
+
+def theory_from_meta(meta):
+    fields = json.loads(str(meta))
+    return Theory(Dataset(**fields.pop("dataset")), **fields)
 
 
 def group_from_meta(meta):
@@ -632,19 +661,26 @@ def group_rows(study, group):
 
 def run_group(study, folder, group):
     """Expected test loss of every method at every budget of the group's panel, with and
-    without reweighting (NaN where none is derived), and the student's specialisation. The
-    study is the run folder's record, so that a grown panel's group covers all its cells."""
+    without reweighting (NaN where none is derived), the N → ∞ pruning theory at the
+    student's own order parameters beside it, and the student's specialisation. The study
+    is the run folder's record, so that a grown panel's group covers all its cells."""
+    from dpp_pruning.experiments import theory_rows
     loaded = _load(study, folder, group)
     teacher, unpruned, hgram = loaded.teacher, loaded.unpruned, loaded.hgram
+    w1 = unpruned.w1.weight.detach().double().numpy()
+    v = unpruned.w2.weight.detach().double().numpy().ravel()
+    # the pruning theory at N → ∞ at this student's own order parameters (no training ODE)
+    theory = theory_rows.theory_at(study, group_panel(study, group), w1, v,
+                                   teacher.w1.numpy(), teacher.w2.numpy().ravel(),
+                                   group.dataset.noise, rescale=0)
     rows = []
     for m, k, nodes, rw in group_rows(study, group):
         method = ALL_METHODS[m]
         found = workflow.expected_test_loss(teacher, unpruned, method, k, bool(rw), hgram,
                                             study.importance_rule, _kernels(loaded, method))
         rows.append((m, k, nodes, rw) + ((np.nan,) * 3 if found is None
-                                         else (found.value, found.first_order, found.sd)))
-    w1 = unpruned.w1.weight.detach().double().numpy()
-    v = unpruned.w2.weight.detach().double().numpy().ravel()
+                                         else (found.value, found.first_order, found.sd))
+                    + (theory[(method, nodes, rw)],))
     _, r, _ = order_parameters(w1, teacher.w1.numpy())
     counts, summed, effective = specialisation(r, v)
     path = group_path(folder.path, group)
@@ -653,4 +689,37 @@ def run_group(study, folder, group):
                  counts=counts, summed=summed,
                  effective=effective,
                  unpruned_expected=float(workflow.predicted_loss(teacher, w1, v)))
+    return path
+
+
+def theory_wanted(study, unit):
+    """The (rescale, method index, nodes kept, reweighting) rows a theory unit's file must
+    hold: every method of sweep.ALL_METHODS (the theory is cheap for all of them)."""
+    panel = group_panel(study, Group(unit.dataset, unit.student_h_size))
+    return [(rescale, m, nodes, rw) for rescale in study.rescale
+            for m in range(len(ALL_METHODS)) for nodes in panel.node_budgets
+            for rw in study.reweighting]
+
+
+def run_theory(study, folder, unit):
+    """The N → ∞ theory of one data set and panel: the training ODEs from the seeded start to
+    α_end, then the pruning theory of every method, budget, reweighting and rescaling
+    (theory_rows); stores the rows, the unpruned student's loss and the ODEs' final order
+    parameters. Needs no data set."""
+    from dpp_pruning.experiments import theory_rows
+    trajectory = theory_rows.trained_order_parameters(study, unit.dataset, unit.student_h_size)
+    panel = group_panel(study, Group(unit.dataset, unit.student_h_size))
+    losses = {rescale: theory_rows.theory_losses(study, panel, trajectory.q[-1],
+                                                 trajectory.r[-1], trajectory.t,
+                                                 trajectory.v[-1], trajectory.v_star,
+                                                 unit.dataset.noise, rescale)
+              for rescale in study.rescale}
+    rows = [(rescale, m, nodes, rw, losses[rescale][(ALL_METHODS[m], nodes, rw)])
+            for rescale, m, nodes, rw in theory_wanted(study, unit)]
+    path = theory_path(folder.path, unit)
+    with atomic_open(path) as f:
+        np.savez(f, meta=json.dumps(asdict(unit)), rows=np.array(rows, dtype=np.float64),
+                 unpruned_theory=float(trajectory.test_loss[-1]), q=trajectory.q[-1],
+                 r=trajectory.r[-1], t=trajectory.t, v=trajectory.v[-1],
+                 v_star=trajectory.v_star, alpha=trajectory.alpha[-1])
     return path
