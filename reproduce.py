@@ -126,6 +126,18 @@ def main(argv=None):
     args = parse_args(argv)
     study, methods = configure(args)
     out = os.path.abspath(args.out or os.path.join("runs", study.name))
+    if study.input_dims:                     # a finite-size study: one run folder per N
+        from dpp_pruning.experiments import finite_size
+        for size in studies.sizes(study):
+            run_one(args, size, methods, finite_size.size_folder(out, size.input_dim))
+        finite_size.write(out, study)
+        cli.log.info(f"finite-size tables written in {out} (finite_size.md)")
+    else:
+        run_one(args, study, methods, out)
+
+
+def run_one(args, study, methods, out):
+    """Run one study into `out` and print its summary line."""
     start = time.time()
     from dpp_pruning.experiments import executors, runner, sweep
     try:

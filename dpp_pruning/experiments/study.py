@@ -8,6 +8,8 @@
     [variants]  rescale, importance_rule
     [run]       students, seed
     [theory]    mode: beside (the N → ∞ theory beside the simulation), only, none
+    [sizes]     input_dims, samples_per_dim: one study per N with P = samples_per_dim · N
+                (a finite-size study: [data] then names neither input_dim nor num_data)
     [[panels]]  student_h_size (K), methods, nodes_kept or fractions_kept, teacher_h_sizes
 
 studies/smoke.toml, small.toml and paper.toml are the presets (`--preset NAME`). A file is
@@ -92,6 +94,8 @@ class Study:
     seed: int = 1
     theory: str = "beside"           # THEORY_MODES: the N → ∞ theory beside the simulation,
     #                                  only the theory (no data, no SGD), or none
+    input_dims: tuple = ()           # a finite-size study: one study per N (`sizes`), with
+    samples_per_dim: int = None      # P = samples_per_dim · N; input_dim is the first N
     name: str = "study"
     description: str = ""
 
@@ -206,6 +210,9 @@ SCHEMA = {
     "run": {"students": ("students", lambda c, k, v: c.integer(k, v, 1)),
             "seed": ("seed", lambda c, k, v: c.integer(k, v, 0, 2**63 - 1))},
     "theory": {"mode": ("theory", lambda c, k, v: c.choice(k, v, THEORY_MODES))},
+    "sizes": {"input_dims": ("input_dims", lambda c, k, v: tuple(sorted(
+                  c.items(k, v, lambda kk, x: c.integer(kk, x, 2))))),
+              "samples_per_dim": ("samples_per_dim", lambda c, k, v: c.integer(k, v, 1))},
 }
 REQUIRED = (("data", "input_dim"), ("data", "num_data"), ("data", "noise_levels"))
 PANEL_KEYS = ("student_h_size", "methods", "nodes_kept", "fractions_kept", "teacher_h_sizes")
@@ -290,19 +297,56 @@ def parse(text, source):
                                            + ", ".join(SCHEMA[section]))
             field, check = SCHEMA[section][key]
             values[field] = check(c, f"{section}.{key}", value)
+    if "sizes" in table:
+        _sizes(c, table, values)
     for section, key in REQUIRED:
-        if key not in table.get(section, {}):
+        if key not in table.get(section, {}) and not ("sizes" in table
+                                                     and (section, key) in SIZED):
             c.fail(f"{section}.{key}", "is required")
     panels = table.get("panels")
     if panels is None:
         c.fail("panels", "is required: at least one [[panels]] table")
     if not isinstance(panels, list) or not panels:
         c.fail("panels", "must be one or more [[panels]] tables")
-    values["panels"] = tuple(_panel(c, f"panels[{i}]", p, values["input_dim"])
-                             for i, p in enumerate(panels))
-    if values.get("test_size") == values["num_data"] // 10:
+    for n in values.get("input_dims") or (values["input_dim"],):
+        values["panels"] = tuple(_panel(c, f"panels[{i}]", p, n) for i, p in enumerate(panels))
+    if values.get("test_size") == values["num_data"] // 10 and "sizes" not in table:
         values["test_size"] = None
     return normalise(Study(**values), source)
+
+
+SIZED = (("data", "input_dim"), ("data", "num_data"))     # set by [sizes] when it is given
+
+
+def _sizes(c, table, values):
+    """A finite-size study's [sizes]: both keys, and [data] without input_dim or num_data;
+    the study's own input_dim and num_data are those of its first size."""
+    for key in ("input_dims", "samples_per_dim"):
+        if key not in table["sizes"]:
+            c.fail(f"sizes.{key}", "is required")
+    for section, key in SIZED:
+        if key in table.get(section, {}):
+            c.fail(f"{section}.{key}", "must not be given with [sizes] (each size sets it: "
+                                       "P = samples_per_dim · N)")
+    values["input_dim"] = values["input_dims"][0]
+    values["num_data"] = values["samples_per_dim"] * values["input_dim"]
+    if values["num_data"] < 10:
+        c.fail("sizes.samples_per_dim", f"gives {values['num_data']} samples at N = "
+                                        f"{values['input_dim']}; at least 10 are needed")
+
+
+def sizes(study):
+    """The studies of a finite-size study, one per input dimension N (named <name>_N<N>,
+    with P = samples_per_dim · N), or [study] itself for a study of one size."""
+    if not study.input_dims:
+        return [study]
+    found = []
+    for n in study.input_dims:
+        num_data = study.samples_per_dim * n
+        test_size = None if study.test_size == num_data // 10 else study.test_size
+        found.append(replace(study, input_dim=n, num_data=num_data, test_size=test_size,
+                             input_dims=(), samples_per_dim=None, name=f"{study.name}_N{n}"))
+    return found
 
 
 def normalise(study, source="the study"):
