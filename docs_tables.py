@@ -150,8 +150,47 @@ def benchmark_table(path):
             + report.split("\n", 1)[1].lstrip("\n"))
 
 
+def build_finite_size(folder, record):
+    """{file name: text or PNG bytes} of a finite-size study's folder (finite_size.csv,
+    finite_size_slopes.csv): its page and its figure of the gaps against N."""
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    from dpp_pruning.experiments import finite_size
+    tables = {}
+    for name in ("finite_size", "finite_size_slopes"):
+        path = os.path.join(folder, f"{name}.csv")
+        if not os.path.isfile(path):
+            raise cli.UserError(f"{folder} is a finite-size study's folder without {name}.csv; "
+                                "run reproduce.py on its study again")
+        with open(path, newline="") as f:
+            tables[name] = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    fig = finite_size.figure(tables["finite_size"])
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+    return {"finite_size.md": finite_size.markdown(tables["finite_size"],
+                                                   tables["finite_size_slopes"], record)
+            + "\n![gaps against N](finite_size_gaps.png)\n",
+            "finite_size_gaps.png": png.getvalue()}
+
+
+def _number(text):
+    """A CSV cell as int, float or the text itself."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def build(folder, bench=None):
-    """{file name: text} of every table of a run folder (and of a benchmark report)."""
+    """{file name: text} of every table of a run folder (and of a benchmark report); for a
+    finite-size study's folder, its page and figure."""
+    found = study.read_record(folder) if os.path.isdir(folder) else None
+    if found is not None and found.input_dims:
+        return build_finite_size(folder, study.record(found))
     record, students, date, tables = read_run(folder)
     out = verdict_tables(tables["claims"], record, students, date)
     if tables["results"]:
@@ -181,9 +220,9 @@ def build(folder, bench=None):
 
 def write(tables, out):
     os.makedirs(out, exist_ok=True)
-    for name, text in tables.items():
-        with open(os.path.join(out, name), "w") as f:
-            f.write(text)
+    for name, content in tables.items():
+        with open(os.path.join(out, name), "wb" if isinstance(content, bytes) else "w") as f:
+            f.write(content)
 
 
 def main(argv=None):

@@ -3,6 +3,7 @@ the folder's study record, seeds unique over a large study, the worker cache key
 and one run at a time per folder."""
 import csv
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -379,3 +380,36 @@ def test_a_budget_beyond_the_kernels_rank_is_one_line(tmp_path, capsys):
     err = [line for line in capsys.readouterr().err.strip().splitlines()
            if not line.startswith("study grid:")]                      # the progress lines
     assert len(err) == 1 and "k = 42 exceeds the kernel's rank 30" in err[0], err
+
+
+SIZED = GOOD.replace("input_dim = 20\nnum_data = 4000\n", "") + """
+[sizes]
+input_dims = [40, 20]
+samples_per_dim = 200
+"""
+
+
+def test_a_finite_size_study_is_one_study_per_input_dimension():
+    s = study.parse(SIZED, "f.toml")
+    assert (s.input_dims, s.samples_per_dim) == ((20, 40), 200)
+    sizes = study.sizes(s)
+    assert [(x.name, x.input_dim, x.num_data, x.num_test, x.input_dims) for x in sizes] == [
+        ("study_N20", 20, 4000, 400, ()), ("study_N40", 40, 8000, 800, ())]
+    assert study.sizes(study.parse(GOOD, "g.toml"))[0].input_dims == ()
+
+
+@pytest.mark.parametrize("text, message", [
+    (SIZED.replace("samples_per_dim = 200\n", ""), "sizes.samples_per_dim is required"),
+    (SIZED.replace("noise_levels", "input_dim = 20\nnoise_levels"),
+     "data.input_dim must not be given with [sizes]"),
+    (SIZED.replace("samples_per_dim = 200", "samples_per_dim = 0"),
+     "sizes.samples_per_dim must be at least 1, got 0"),
+    (SIZED.replace("input_dims = [40, 20]", "input_dims = [40, 1]"),
+     "sizes.input_dims[1] must be at least 2, got 1"),
+    (SIZED.replace("student_h_size = 6", "student_h_size = 30").replace("input_dims = [40, 20]",
+                                                                        "input_dims = [100, 5]"),
+     "panels[0].nodes_kept[0] keeps 2 of the 30 hidden nodes (12 parameters), which edge"),
+])
+def test_a_bad_finite_size_study_is_one_line(text, message):
+    with pytest.raises(study.StudyError, match=re.escape(message)):
+        study.parse(text, "f.toml")

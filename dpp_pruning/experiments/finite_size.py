@@ -10,11 +10,14 @@ For every size, noise level, method, budget and reweighting, and for every stude
   that separates it from the theory;
 - theory_trained: the pruning theory at N → ∞ at the trained student's own Q, R, T, v;
 - theory: the training ODEs from the student's seeded start, then the pruning theory.
-The relative gap simulated / theory − 1 splits into the pruning theory's part (simulated /
-theory_trained − 1) and the training ODEs' part (theory_trained / theory − 1). Each is
-averaged over students with a 95% t-interval across them; its slope in N is the least-squares
-slope of log |mean gap| against log N over the sizes (−1/2 for a gap of order 1/√N, −1 for
-1/N). A gap whose slope is near 0 does not shrink: finite N is not its cause.
+The relative gap simulated / theory − 1 of each student splits into the pruning theory's
+part (simulated / theory_trained − 1) and the training ODEs' part (theory_trained / theory
+− 1). Each is summarised over the students twice: its mean with a 95% t-interval (a bias that
+finite N leaves in every student) and its root mean square (the typical size of one
+student's gap, bias and the student-to-student fluctuation of the trained order parameters
+together). The slope in N is the least-squares slope of log rms gap against log N over the
+sizes (−1/2 for a gap of order 1/√N, −1 for 1/N); a slope near 0 means the gap does not
+shrink with N: finite N is not its cause.
 
 write(out, study) writes finite_size.csv (one row per size and setting) and
 finite_size_slopes.csv (one row per setting) into <out>; docs_tables.py turns them into a
@@ -31,8 +34,8 @@ from dpp_pruning.experiments import study as studies
 
 GAP_COLUMNS = ("input_dim", "noise", "method", "reweighting", "nodes_equivalent",
                "fraction_kept", "students", "simulated", "theory_trained", "theory",
-               "gap", "gap_ci", "pruning_gap", "pruning_gap_ci", "training_gap",
-               "training_gap_ci")
+               "gap", "gap_ci", "gap_rms", "pruning_gap", "pruning_gap_ci", "pruning_gap_rms",
+               "training_gap", "training_gap_ci", "training_gap_rms")
 SLOPE_COLUMNS = ("noise", "method", "reweighting", "nodes_equivalent", "sizes", "gap_first",
                  "gap_last", "slope", "pruning_slope", "training_slope")
 PARTS = (("gap", "total"), ("pruning_gap", "pruning"), ("training_gap", "training"))
@@ -103,13 +106,14 @@ def gap_rows(out, sizes):
                        theory_trained=float(trained.mean()), theory=float(theory.mean()))
             for name, gap in gaps.items():
                 row[name], row[f"{name}_ci"] = _mean_interval(gap)
+                row[f"{name}_rms"] = float(np.sqrt(np.mean(gap ** 2)))
             rows.append(row)
     return rows
 
 
 def slope(sizes, gaps):
     """Least-squares slope of log |gap| against log N (NaN with fewer than two sizes or a
-    zero gap)."""
+    zero gap: a part that is exact, as the pruning theory of random_node is)."""
     sizes, gaps = np.asarray(sizes, dtype=np.float64), np.abs(np.asarray(gaps, np.float64))
     if sizes.size < 2 or not (gaps > 0).all():
         return math.nan
@@ -117,8 +121,8 @@ def slope(sizes, gaps):
 
 
 def slope_rows(rows):
-    """One row per setting (SLOPE_COLUMNS): the sizes, the mean gap at the first and last
-    size, and the fitted slopes of the total gap and of its two parts."""
+    """One row per setting (SLOPE_COLUMNS): the sizes, the rms gap at the first and last
+    size, and the fitted slopes of the rms total gap and of its two parts."""
     by_setting = defaultdict(list)
     for r in rows:
         by_setting[(r["noise"], r["method"], r["reweighting"], r["nodes_equivalent"])].append(r)
@@ -127,10 +131,11 @@ def slope_rows(rows):
         part = sorted(part, key=lambda r: r["input_dim"])
         sizes = [r["input_dim"] for r in part]
         out.append(dict(noise=noise, method=method, reweighting=rw, nodes_equivalent=nodes,
-                        sizes=len(sizes), gap_first=part[0]["gap"], gap_last=part[-1]["gap"],
-                        slope=slope(sizes, [r["gap"] for r in part]),
-                        pruning_slope=slope(sizes, [r["pruning_gap"] for r in part]),
-                        training_slope=slope(sizes, [r["training_gap"] for r in part])))
+                        sizes=len(sizes), gap_first=part[0]["gap_rms"],
+                        gap_last=part[-1]["gap_rms"],
+                        slope=slope(sizes, [r["gap_rms"] for r in part]),
+                        pruning_slope=slope(sizes, [r["pruning_gap_rms"] for r in part]),
+                        training_slope=slope(sizes, [r["training_gap_rms"] for r in part])))
     return out
 
 
@@ -147,3 +152,109 @@ def write(out, study):
     with atomic_open(os.path.join(out, studies.RECORD), "w") as f:
         json.dump(studies.record(study), f, indent=1)
     return rows
+
+
+def _label(gap):
+    return "" if not math.isfinite(gap) else f"{100 * gap:+.2f}%"
+
+
+def _percent(size):
+    return "" if not math.isfinite(size) else f"{100 * size:.2g}%"
+
+
+def _slope(value):
+    return "" if not math.isfinite(value) else f"{value:+.2f}"
+
+
+def markdown(rows, slopes, record):
+    """The finite-size page: what is compared, the slopes of every setting, and the gaps at
+    every size at the middle budget."""
+    sizes = sorted({r["input_dim"] for r in rows})
+    lines = ["# Finite size: the simulation against the N → ∞ theory", "",
+             f"From study '{record['name']}': N = {', '.join(map(str, sizes))} at P = "
+             f"{record['samples_per_dim']} N, {max((r['students'] for r in rows), default=0)} "
+             f"students per size, seed {record['seed']}.",
+             "Generated by `python3 docs_tables.py`; do not edit by hand.", "",
+             "Gap: a student's simulated loss (the exact expectation over its masks; the mean "
+             "exact ε_g + σ²/2 of its masks where no expectation is derived) relative to the "
+             "N → ∞ theory, split into the pruning theory's part (against the pruning theory "
+             "at the trained student's own order parameters) and the training ODEs' part (that "
+             "theory against the ODEs' end point); rms: root mean square over the students; "
+             "mean: with its 95% interval across them. Slope: least-squares slope of log rms "
+             "gap against log N (−0.5: O(1/√N); −1: O(1/N); near 0: the gap does not shrink "
+             "with N; blank: that part is exact).", "",
+             "## Slopes", "",
+             "| σ | method | reweighted | nodes | rms gap at N = "
+             f"{sizes[0] if sizes else ''} | at N = {sizes[-1] if sizes else ''} | slope | "
+             "pruning part | training part |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in slopes:
+        lines.append(f"| {r['noise']:g} | {r['method']} | {r['reweighting']} | "
+                     f"{r['nodes_equivalent']} | {_percent(r['gap_first'])} | "
+                     f"{_percent(r['gap_last'])} | {_slope(r['slope'])} | "
+                     f"{_slope(r['pruning_slope'])} | {_slope(r['training_slope'])} |")
+    middle = sorted({r["nodes_equivalent"] for r in rows})
+    middle = middle[len(middle) // 2] if middle else None
+    lines += ["", f"## Gaps at {middle} nodes kept (or their parameters in edges), by N", "",
+              "Each cell: rms total gap (rms pruning part, rms training part); mean total gap "
+              "± its 95% interval across students.", "",
+              "| σ | method | reweighted | " + " | ".join(f"N = {n}" for n in sizes) + " |",
+              "|---|---|---|" + "---|" * len(sizes)]
+    cells = defaultdict(dict)
+    for r in rows:
+        if r["nodes_equivalent"] == middle:
+            cells[r["noise"], r["method"], r["reweighting"]][r["input_dim"]] = (
+                f"{_percent(r['gap_rms'])} ({_percent(r['pruning_gap_rms'])}, "
+                f"{_percent(r['training_gap_rms'])}); {_label(r['gap'])} ± "
+                f"{100 * r['gap_ci']:.2f}%")
+    for (noise, method, rw), by_size in sorted(cells.items()):
+        lines.append(f"| {noise:g} | {method} | {rw} | "
+                     + " | ".join(by_size.get(n, "") for n in sizes) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def figure(rows):
+    """The rms relative gap over students against N on log axes, one line per method at the
+    middle budget without reweighting: the total gap (top) and the pruning theory's part
+    (bottom), one column per noise level, with the slopes −1/2 and −1 for reference."""
+    import matplotlib.pyplot as plt
+
+    from dpp_pruning.experiments.plots import METHOD_STYLE
+    noises = sorted({r["noise"] for r in rows})
+    middle = sorted({r["nodes_equivalent"] for r in rows})[len({r["nodes_equivalent"]
+                                                                for r in rows}) // 2]
+    fig, axes = plt.subplots(2, len(noises), figsize=(5.2 * len(noises), 7.4), squeeze=False)
+    for j, noise in enumerate(noises):
+        for i, (column, what) in enumerate((("gap", "total gap"),
+                                            ("pruning_gap", "pruning theory's part"))):
+            ax = axes[i, j]
+            for method, (color, marker) in METHOD_STYLE.items():
+                part = sorted((r for r in rows if r["noise"] == noise and r["method"] == method
+                               and r["reweighting"] == 0 and r["nodes_equivalent"] == middle),
+                              key=lambda r: r["input_dim"])
+                if not part:
+                    continue
+                n = np.array([r["input_dim"] for r in part], dtype=float)
+                gap = np.array([r[f"{column}_rms"] for r in part])
+                keep = gap > 0                           # an exact part has nothing to show
+                ax.plot(n[keep], gap[keep], color=color, marker=marker, ms=5, lw=1.2,
+                        label=method)
+            sizes = sorted({r["input_dim"] for r in rows})
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ys = ax.get_ylim()
+            top = np.sqrt(ys[0] * ys[1]) * 3
+            for power, style in ((-0.5, "--"), (-1.0, ":")):
+                ax.plot([sizes[0], sizes[-1]], [top, top * (sizes[-1] / sizes[0]) ** power],
+                        color="0.5", ls=style, lw=1, label=f"slope {power:g}")
+            ax.set_ylim(*ys)
+            ax.set_xticks(sizes, [str(n) for n in sizes])
+            ax.minorticks_off()
+            ax.set_xlabel("N (input dimension)")
+            ax.set_ylabel(f"rms {what} (relative)")
+            ax.set_title(f"$\\sigma$ = {noise:g}, {middle} nodes kept: {what}", fontsize=10)
+            ax.grid(True, which="both", alpha=0.3)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.tight_layout()
+    fig.legend(handles, labels, loc="upper center", ncol=4, fontsize=8,
+               bbox_to_anchor=(0.5, 0), frameon=False)
+    return fig
