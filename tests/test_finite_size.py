@@ -65,8 +65,13 @@ def test_gaps_their_parts_and_slopes(tmp_path):
         assert r["training_gap_ci"] < 1e-12 and r["pruning_gap_ci"] > 0
     for r in edge:                              # the mean of the masks' predicted losses
         assert r["gap"] == pytest.approx(0.03) and r["simulated"] == pytest.approx(THEORY * 1.03)
+    for r in node:                       # rms over students: the gap and its spread of ±1/N
+        spread = np.linspace(-1, 1, STUDENTS) / r["input_dim"]
+        assert r["training_gap_rms"] == pytest.approx(1 / r["input_dim"], rel=1e-9)
+        assert r["pruning_gap_rms"] == pytest.approx(np.sqrt(np.mean(
+            (2 / math.sqrt(r["input_dim"]) + spread) ** 2)), rel=1e-9)
     slopes = {(r["method"], r["reweighting"]): r for r in finite_size.slope_rows(rows)}
-    assert slopes["dpp_node", 0]["pruning_slope"] == pytest.approx(-0.5, abs=1e-9)
+    assert slopes["dpp_node", 0]["pruning_slope"] == pytest.approx(-0.5, abs=1e-3)
     assert slopes["dpp_node", 0]["training_slope"] == pytest.approx(-1.0, abs=1e-9)
     assert -1.0 < slopes["dpp_node", 0]["slope"] < -0.5
     assert slopes["dpp_edge", 1]["slope"] == pytest.approx(0.0, abs=1e-9)   # does not shrink
