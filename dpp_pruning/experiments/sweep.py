@@ -35,7 +35,7 @@ from dpp_pruning.base.training import online_sgd_arrays
 from dpp_pruning.experiments.study import edge_weights_exact, noise_name
 from dpp_pruning.pipeline import workflow
 from dpp_pruning.theory.order_params import order_parameters
-from dpp_sample_ts import KDPP, PRUNERS, edge_kernel, normalise_rows
+from dpp_sample_ts import KDPP, PRUNERS, edge_kernel
 from models import activation, student_from_weights
 
 ALL_METHODS = ("dpp_node", "dpp_edge", "random_node", "random_edge", "importance_node",
@@ -424,18 +424,20 @@ def _make_data(stream, gram, rows):
     return StudyData(stream.w1, stream.w2, gram.mean(rows), x, y, stream.settings)
 
 
-def hidden_grams(stream, w1, nonlinearity):
+def hidden_grams(stream, student):
     """{rescale: H (K, K)}: H = AᵀA / P, A = g(X Wᵀ / √N) the hidden activations of the
-    student w1 (K, N) (rows rescaled to norm √N for rescale 1, as trained for 0) on the
-    stream's training inputs, summed in float64 over one pass."""
-    g = activation(nonlinearity)
-    weights = {1: torch.from_numpy(normalise_rows(w1)), 0: torch.from_numpy(w1)}
-    sums = {rescale: torch.zeros(w1.shape[0], w1.shape[0], dtype=torch.float64)
-            for rescale in weights}
+    student (a models.Student) on the stream's training inputs, summed in float64 over one
+    pass: with its rows rescaled to norm √N as pruning stores them (workflow.rescaled) for
+    rescale 1, as trained for 0 (workflow.hidden_gram of each, chunk by chunk)."""
+    g = activation(student.nonlinearity)
+    weights = {rescale: pruned.w1.weight.detach().double()
+               for rescale, pruned in ((1, workflow.rescaled(student)), (0, student))}
+    size, n = weights[0].shape
+    sums = {rescale: torch.zeros(size, size, dtype=torch.float64) for rescale in weights}
     for x, _ in stream.chunks():
         x64 = x.double()
         for rescale, w in weights.items():
-            a = g(x64 @ w.T / math.sqrt(w1.shape[1]))
+            a = g(x64 @ w.T / math.sqrt(n))
             sums[rescale] += a.T @ a
     return {rescale: (total / stream.num_data).numpy() for rescale, total in sums.items()}
 
@@ -490,8 +492,7 @@ def prepare_dataset(study, out, dataset):
     for panel in panels_of(study, dataset):
         path = hidden_path(out, dataset, panel.student_h_size)
         if panel.student_h_size in train or not os.path.exists(path):
-            w1 = _trained(study, out, dataset, panel.student_h_size).w1.weight.detach()
-            grams = hidden_grams(stream, w1.double().numpy(), study.nonlinearity)
+            grams = hidden_grams(stream, _trained(study, out, dataset, panel.student_h_size))
             with atomic_open(path) as f:
                 np.savez(f, **{f"rescale{r}": h for r, h in grams.items()})
     _record_seeds(os.path.join(folder, "seeds.json"), seeds)
