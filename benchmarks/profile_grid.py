@@ -200,18 +200,37 @@ def display(function):
 
 
 def dataset_parts(graph, trained, total):
-    """The data set unit split: [(label, seconds or None, what was counted)], the rest last."""
-    teacher = graph.total("data", "generate_teacher")
-    gram = graph.builtin_time("data", "_fill", ("addmm_", "to"))
-    drawing = None if teacher is None or gram is None else teacher - gram
-    writing = [s for s in (graph.total("storage", "save_pickle"),
-                           graph.total("storage", "save_state_dict")) if s is not None]
-    parts = [("drawing the data", drawing, "data.generate_teacher less the Gram matrix"),
-             ("Gram matrix", gram, "TensorBase.addmm_ and .to(float64) in data._fill")]
-    parts += [(f"training K = {k}", s, "workflow.train: online SGD, one epoch")
-              for k, s in trained]
-    parts.append(("writing the files", sum(writing) if writing else None,
-                  "storage.save_pickle (teacher) and save_state_dict (students)"))
+    """The data set unit split: [(label, seconds or None, what was counted)], the rest last.
+    Releases up to 5fb7826 draw the whole data set (data.generate_teacher, its Gram by
+    torch's addmm in data._fill), train each student on it (workflow.train) and write the
+    teacher pickle; later ones stream it (data.draw_chunks, data.GramSum.add), train every
+    student side by side (training.online_sgd_arrays), make the hidden Gram matrices in a
+    second pass (sweep.hidden_grams) and write data.npz (data.StudyData.save)."""
+    streamed = graph.total("data", "draw_chunks") is not None and trained == []
+    if streamed:
+        parts = [("drawing the data", graph.total("data", "draw_chunks"),
+                  "data.draw_chunks (inputs and labels, every pass)"),
+                 ("Gram matrix", graph.total("data", "add"), "data.GramSum.add (dsyrk)"),
+                 ("training every student", graph.total("training", "online_sgd_arrays"),
+                  "training.online_sgd_arrays, the panels' students side by side"),
+                 ("hidden Gram matrices", graph.total("sweep", "hidden_grams"),
+                  "sweep.hidden_grams: one more pass (its inputs kept in memory up to "
+                  "sweep.KEEP_BYTES, else drawn again: then that drawing counts here too)")]
+        writing = [graph.total("data", "save"), graph.total("storage", "save_state_dict")]
+        what = "data.StudyData.save (data.npz) and save_state_dict (students)"
+    else:
+        teacher = graph.total("data", "generate_teacher")
+        gram = graph.builtin_time("data", "_fill", ("addmm_", "to"))
+        drawing = None if teacher is None or gram is None else teacher - gram
+        parts = [("drawing the data", drawing, "data.generate_teacher less the Gram matrix"),
+                 ("Gram matrix", gram, "TensorBase.addmm_ and .to(float64) in data._fill")]
+        parts += [(f"training K = {k}", s, "workflow.train: online SGD, one epoch")
+                  for k, s in trained]
+        writing = [graph.total("storage", "save_pickle"),
+                   graph.total("storage", "save_state_dict")]
+        what = "storage.save_pickle (teacher) and save_state_dict (students)"
+    writing = [s for s in writing if s is not None]
+    parts.append(("writing the files", sum(writing) if writing else None, what))
     known = [s for _, s, _ in parts if s is not None]
     parts.append(("the rest", total - sum(known), "seeds, checks, what the above miss"))
     return parts
@@ -288,10 +307,15 @@ def profile_units(root, scale):
               parts=lambda graph, wall: dataset_parts(graph, trained, wall))
     finally:
         workflow.train = train
-    teacher_bytes = os.path.getsize(sweep.teacher_path(out, dataset))
+    data_file = (sweep.teacher_path(out, dataset) if hasattr(sweep, "teacher_path")
+                 else sweep.data_path(out, dataset))
+    teacher_bytes = os.path.getsize(data_file)
     for group in sweep.groups(study):
         phase(f"group K{group.student_h_size}", f"expectation group K = {group.student_h_size}",
               sweep.run_group, recorded, folder, group)
+    for unit in (sweep.theories(study) if hasattr(sweep, "theories") else []):
+        phase(f"theory K{unit.student_h_size}", f"theory unit K = {unit.student_h_size}",
+              sweep.run_theory, recorded, folder, unit)
     for cell in sweep.grid(study):
         phase(f"cell K{cell.student_h_size} {cell.method} k{cell.k}",
               f"cell K = {cell.student_h_size} {cell.method} k = {cell.k}",
