@@ -193,24 +193,22 @@ def build(folder, bench=None):
         return build_finite_size(folder, study.record(found))
     record, students, date, tables = read_run(folder)
     out = verdict_tables(tables["claims"], record, students, date)
-    if tables["results"]:
-        out["test_loss.md"] = loss_table(
-            tables["results"], "test_loss", "Measured test loss",
-            "Measured test loss, mean over students of each student's mean over rounds of "
-            "masks, per method and hidden nodes kept (or the same parameters in edges).",
-            record, students, date)
+    measured = tables["results"]
     expected = [r for r in tables["expectations"] if r["expected"] != "nan"]
-    if expected:
-        out["expected_loss.md"] = loss_table(
-            expected, "expected", "Expected test loss over the mask distribution", "Expected "
-            "test loss over each method's mask distribution (exact for node methods, delta "
-            "method for edge methods), mean over students.", record, students, date)
     theory = [r for r in tables["theory"] if r["theory"] != "nan"]
-    if theory:
-        out["theory_loss.md"] = loss_table(
-            theory, "theory", "Test loss at N → ∞", "Test loss of the pruned student as N → ∞ "
-            "(the training ODEs from each student's seeded start, then the pruning theory; "
-            "docs/theory.md), mean over students.", record, students, date)
+    for name, rows, column, title, what in (
+            ("test_loss.md", measured, "test_loss", "Measured test loss",
+             "Measured test loss, mean over students of each student's mean over rounds of "
+             "masks, per method and hidden nodes kept (or the same parameters in edges)."),
+            ("expected_loss.md", expected, "expected",
+             "Expected test loss over the mask distribution", "Expected test loss over each "
+             "method's mask distribution (exact for node methods, delta method for edge "
+             "methods), mean over students."),
+            ("theory_loss.md", theory, "theory", "Test loss at N → ∞", "Test loss of the "
+             "pruned student as N → ∞ (the training ODEs from each student's seeded start, "
+             "then the pruning theory; docs/theory.md), mean over students.")):
+        if rows:                                 # a theory-only run has no measured rows
+            out[name] = loss_table(rows, column, title, what, record, students, date)
     if bench is not None:
         if not os.path.isfile(bench):
             raise cli.UserError(f"--bench {bench} does not exist; run `make bench` first")
