@@ -1,15 +1,18 @@
 """Run a study (the paper's grid or your own) on independent students and judge the paper's claims.
 
     python3 reproduce.py --preset paper --students 5 --jobs 2 --out runs/paper
+    python3 reproduce.py --preset paper --theory only          # seconds: no data, no SGD
     python3 reproduce.py --study studies/student_width.toml --scheduler tcp://HOST:8786
 
 A study is a TOML file (studies/*.toml; --preset NAME is studies/NAME.toml) that declares
 the whole grid; the flags below override it. Writes results.csv (one row per cell,
 reweighting and round), expectations.csv (expected test loss over the mask distribution of
-every method and budget, per student), specialisation.csv, and claims.csv / claims.md
-(paired differences across students, 95% intervals, verdicts). Reuses the teachers and
+every method and budget, per student), theory.csv (the N → ∞ theory of every method and
+budget), specialisation.csv, and claims.csv / claims.md (paired differences across students,
+95% intervals, verdicts on the expected, measured and N → ∞ losses). Reuses the data sets and
 trained students already in --out and skips finished work, so an interrupted run resumes
-where it stopped, and a later run that adds students or settings adds only their cells.
+where it stopped, and a later run that adds students or settings adds only their cells. A
+study file with [sizes] runs one study per input dimension (a finite-size study).
 """
 import collections
 import os
@@ -58,10 +61,11 @@ def parse_args(argv=None):
     parser.add_argument("--k20_teacher_h_size", type=int, default=None,
                         help="teacher hidden size M of the K = 20 panel (default: the study's)")
     parser.add_argument("--keep_data", type=int, default=1, choices=(0, 1),
-                        help="1 keeps every teacher data set (1.77 GB each at paper scale); 0 "
-                             "deletes each one once its work is done, so that at most --jobs "
-                             "are on disk at a time (they are regenerated bit-identically from "
-                             "their recorded seeds if needed again) (default: 1)")
+                        help="1 keeps every data set's data.npz (its teacher, test set and "
+                             "Gram matrix: 0.16 GB each at paper scale; the training samples "
+                             "are never stored); 0 deletes each one once its work is done, so "
+                             "that at most --jobs are on disk at a time (they are made again "
+                             "bit-identically from their seeds if needed) (default: 1)")
     parser.add_argument("--theory", default=None, choices=("beside", "only", "none"),
                         help="the N → ∞ theory (training ODEs, then the pruning theory) of "
                              "every cell: beside the simulation, only the theory (no data, no "
