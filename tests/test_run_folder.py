@@ -230,3 +230,19 @@ def test_keep_data_0_never_holds_more_teacher_files_than_jobs(tmp_path):
     assert code == 0
     assert 1 <= most[0] <= 2, most[0]
     assert not list(out.rglob("data.npz"))
+
+
+def test_a_damaged_data_set_file_is_said_and_made_again(tmp_path, local_run, capsys):
+    path = study_file(tmp_path)
+    out = tmp_path / "run"
+    assert run(["--study", path, "--out", out])[0] == 0
+    folder = out / "student_0" / "sigma_0"
+    for name in ("data.npz", "hidden_6.npz", "student_6.pth"):
+        (folder / name).write_bytes((folder / name).read_bytes()[:-200])
+        for f in (out / "student_0" / "cells").iterdir():
+            f.unlink()
+        code, printed, _ = run(["--study", path, "--out", out], capsys)
+        assert code == 0
+        assert (f"{folder / name} is not used (it cannot be read: truncated or damaged); it "
+                "is made again") in printed, name
+        assert_same_tables(out, local_run("--study", path))

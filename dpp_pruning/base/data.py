@@ -230,9 +230,10 @@ class StudyData:
         return cls(settings=settings, **arrays)
 
 
-def settings_of(input_dim, teacher_h_size, num_data, mode, sig_w, v_star, seed, num_test):
+def settings_of(input_dim, teacher_h_size, num_data, mode, sig_w, v_star, seed, num_test=None):
     """The settings a data set records (num_test only where it is not num_data // 10, so
     that files of earlier releases still match)."""
+    num_test = num_data // 10 if num_test is None else num_test
     settings = dict(input_dim=input_dim, teacher_h_size=teacher_h_size, num_data=num_data,
                     mode=mode, sig_w=float(sig_w), v_star=v_star, seed=int(seed))
     if num_test != num_data // 10:

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from dpp_pruning.base.data import GramSum, StudyData, TeacherStream
+from dpp_pruning.base.data import GramSum, StudyData, TeacherStream, settings_of
 from dpp_pruning.base.storage import atomic_open, load_state_dict, save_state_dict
 from dpp_pruning.base.training import online_sgd_arrays
 from dpp_pruning.experiments.study import edge_weights_exact, noise_name
@@ -382,11 +382,26 @@ def hidden_path(out, dataset, student_h_size):
                         f"hidden_{student_h_size}.npz")
 
 
+HIDDEN_ARRAYS = ("rescale1", "rescale0")
+
+
+def _usable(path, arrays):
+    """Whether `path` is a readable .npz (or torch zip) file holding `arrays` (names, for
+    .npz files): present, not truncated, its archive's checksums sound."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+            return archive.testzip() is None and {f"{a}.npy" for a in arrays} <= names
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError):
+        return False
+
+
 def dataset_ready(study, out, dataset):
+    """Whether a data set's files are all there and readable."""
     sizes = [p.student_h_size for p in panels_of(study, dataset)]
-    return all(os.path.exists(p) for p in
-               [data_path(out, dataset)] + [student_path(out, dataset, k) for k in sizes]
-               + [hidden_path(out, dataset, k) for k in sizes])
+    return (_usable(data_path(out, dataset), StudyData.ARRAYS)
+            and all(_usable(student_path(out, dataset, k), ()) for k in sizes)
+            and all(_usable(hidden_path(out, dataset, k), HIDDEN_ARRAYS) for k in sizes))
 
 
 def teacher_settings(study, dataset):
@@ -413,9 +428,10 @@ def _read_data(study, out, dataset):
         data = StudyData.load(path)
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None
-    if data.settings != _stream(study, dataset).settings:
+    wanted = settings_of(**teacher_settings(study, dataset))
+    if data.settings != wanted:
         raise RunFolderError(f"{path} was made with {data.settings}, not this study's "
-                             f"{_stream(study, dataset).settings}; use another --out")
+                             f"{wanted}; use another --out")
     return data
 
 
@@ -453,14 +469,24 @@ def prepare_dataset(study, out, dataset):
     _CACHE.clear()           # a worker holds one data set at a time, also while making one
     lines = []
     folder = os.path.dirname(data_path(out, dataset))
-    data = _read_data(study, out, dataset)
+
+    def usable(path, arrays=()):
+        """Whether a file can be used; a line saying so where it is there but cannot."""
+        if _usable(path, arrays):
+            return True
+        if os.path.exists(path):
+            lines.append(f"{path} is not used (it cannot be read: truncated or damaged); it "
+                         "is made again")
+        return False
+    data = (_read_data(study, out, dataset) if usable(data_path(out, dataset), StudyData.ARRAYS)
+            else None)
     stream = _stream(study, dataset)
     seeds = {"teacher": stream.settings["seed"]}
     train = {}                                            # K -> [w1, w2] being trained
     for panel in panels_of(study, dataset):
         size = panel.student_h_size
         seeds[f"student_{size}"] = init_seed(study, dataset, size)
-        if not os.path.exists(student_path(out, dataset, size)):
+        if not usable(student_path(out, dataset, size)):
             start = workflow.initial_student(study.input_dim, size, study.nonlinearity,
                                              study.mode, seeds[f"student_{size}"])
             train[size] = [start.w1.weight.detach().double().numpy(),
@@ -491,10 +517,10 @@ def prepare_dataset(study, out, dataset):
         save_state_dict(student.state_dict(), student_path(out, dataset, size))
     for panel in panels_of(study, dataset):
         path = hidden_path(out, dataset, panel.student_h_size)
-        if panel.student_h_size in train or not os.path.exists(path):
+        if panel.student_h_size in train or not usable(path, HIDDEN_ARRAYS):
             grams = hidden_grams(stream, _trained(study, out, dataset, panel.student_h_size))
             with atomic_open(path) as f:
-                np.savez(f, **{f"rescale{r}": h for r, h in grams.items()})
+                np.savez(f, **{name: grams[int(name[-1])] for name in HIDDEN_ARRAYS})
     _record_seeds(os.path.join(folder, "seeds.json"), seeds)
     return lines
 
