@@ -6,12 +6,14 @@ figure. The run folder is $REPRO_OUT, or runs/<preset> with the preset from $REP
 and no runs/paper it runs the smoke preset (seconds) and says so; a folder named by them
 without results.csv stops it with one sentence naming the command that fills it.
 
-Points are means over independently trained students (the `student` column of results.csv,
-when there is more than one) of each student's mean over rounds, with 95% t-intervals across
-students as error bars; with one student, means over rounds with 95% t-intervals across
-rounds. Only rows with `rescale` = 1 (rows rescaled to norm sqrt(N) before pruning, the
-default) are shown.
+Figures 1 and 2 draw theory as lines and simulation as points. Lines are the N → ∞ theory
+(theory.csv, `theory_line`), the mean over the run's students. Points are means over
+independently trained students (the `student` column of results.csv, when there is more
+than one) of each student's mean over rounds, with 95% t-intervals across students as error
+bars; with one student, means over rounds with 95% t-intervals across rounds. Only rows with
+`rescale` = 1 (rows rescaled to norm sqrt(N) before pruning, the default) are shown.
 """
+import glob
 import os
 
 import matplotlib.colors
@@ -20,13 +22,25 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import scipy.stats
+from matplotlib.legend_handler import HandlerTuple
 
 from dpp_pruning import ROOT
 from dpp_pruning.experiments import claims as claims_module
-from dpp_pruning.experiments import runner, study, sweep
-from dpp_pruning.experiments.plots import band, method_offsets, method_style, percent_axis, shown
-from dpp_pruning.theory.expectations import expected_random_edge_loss
+from dpp_pruning.experiments import run_tables, runner, study, sweep
+from dpp_pruning.experiments.plots import (
+    error_bars,
+    method_offsets,
+    method_style,
+    percent_axis,
+    shown,
+)
+from dpp_pruning.theory.expectations import (
+    EDGE_METHODS,
+    expected_random_edge_loss,
+    rescale_order_parameters,
+)
 from dpp_pruning.theory.order_params import NotSpecialised, block_order
+from dpp_pruning.theory.pruning_limit import pruned_losses
 
 
 class NoResults(Exception):
@@ -34,7 +48,8 @@ class NoResults(Exception):
 
 
 class Run:
-    """A reproduce.py output folder: results.csv as a DataFrame, the preset, the cells.
+    """A reproduce.py output folder: results.csv as a DataFrame (`df`), theory.csv as one
+    (`theory`: empty when the run has none), the preset, the cells.
 
     `note` says why this run is shown when it is not the one asked for."""
 
@@ -45,6 +60,7 @@ class Run:
             raise NoResults(f"{out} holds no {study.RECORD}: it is not a reproduce.py run folder")
         self.preset_name = self.preset.name
         self.df = pd.read_csv(os.path.join(out, "results.csv"))
+        self.theory = read_theory(out)
 
     def describe(self):
         p = self.preset
@@ -87,12 +103,36 @@ def load_run(out=None, preset=None):
     return Run(out, note)
 
 
+def read_theory(out):
+    """theory.csv of a run folder as a DataFrame, empty (with its columns) when the run has
+    no theory: --theory none, or a folder of an earlier release, which has no theory.csv."""
+    path = os.path.join(out, "theory.csv")
+    if not os.path.exists(path):
+        return pd.DataFrame(columns=run_tables.THEORY_COLUMNS)
+    return pd.read_csv(path)
+
+
 def selected_rows(run):
     """The rows of results.csv the figures show: students rescaled before pruning
     (rescale = 1), with the preset's teacher (a run may add a K = 20 panel with another
     teacher size, which notebook 6 shows)."""
-    df = run.df
-    return df[(df.rescale == 1) & (df.teacher_h_size == run.preset.teacher_h_size)]
+    return _shown_rows(run.df, run.preset)
+
+
+def selected_theory(run):
+    """The rows of theory.csv the figures draw, chosen as `selected_rows` chooses, without
+    the budgets whose theory could not be computed (NaN)."""
+    rows = _shown_rows(run.theory, run.preset)
+    return rows[rows.theory.notna()]
+
+
+def has_theory(run):
+    """Whether the figures of this run have N → ∞ theory lines to draw."""
+    return not selected_theory(run).empty
+
+
+def _shown_rows(df, preset):
+    return df[(df.rescale == 1) & (df.teacher_h_size == preset.teacher_h_size)]
 
 
 def students(df):
@@ -126,21 +166,63 @@ def _summary(df):
     return pd.DataFrame(rows, columns=keys + ["mean", "ci", "predicted", "unpruned"])
 
 
+THEORY = "N → ∞ theory"      # the label of a theory line: '<method>: N → ∞ theory'
+SIMULATION = "simulation"     # the label of a method's points: '<method>: simulation'
+EDGE_LINE_POINTS = 60         # fractions kept on an edge method's theory line (and its budgets)
+
+
+def _ode_end_points_missing(run):
+    """Whether a run with theory lacks the unit files that hold its ODEs' end points (a
+    folder copied without them), so that edge lines join their budgets only."""
+    return not glob.glob(os.path.join(run.out, "student_*", "theory", "*.npz"))
+
+
 def error_bar_caption(run):
-    """One sentence on what the points and error bars of figures 1 and 2 are."""
+    """What the lines, points and error bars of figures 1 and 2 are (a few sentences)."""
     df = selected_rows(run)
     s = students(df)
     if s > 1:
         what = (f"mean over {s} independently trained students of each student's mean over "
-                f"{df['round'].nunique()} rounds; shaded: 95% t-interval of that mean across "
-                "students")
+                f"{df['round'].nunique()} rounds; error bars: 95% t-interval of that mean "
+                "across students")
     else:
         what = (f"mean over {df['round'].nunique()} rounds of mask draws from one trained "
-                "student; shaded: 95% t-interval of that mean across rounds")
-    return (f"Points: {what}; a band that reaches past the plot (with few students its lower "
-            "end can be at or below zero, which a log axis cannot show) is cut at the axis. "
-            "Methods are shifted slightly sideways so that coinciding points stay visible. "
-            "The dashed line is the unpruned (rescaled) student.")
+                "student; error bars: 95% t-interval of that mean across rounds")
+    if has_theory(run):
+        theory_s = selected_theory(run).student.nunique()
+        lines = (f"Lines: the N → ∞ theory (theory.csv: the training ODEs from each student's "
+                 "seeded start, then the pruning theory of docs/theory.md), mean over "
+                 f"{theory_s} student{'s' if theory_s > 1 else ''}; edge methods on a fine "
+                 "grid of the fraction kept, node methods through their whole node counts"
+                 + (" (this folder lacks the theory unit files that hold the ODEs' end "
+                    "points, so the edge methods' lines join their budgets too)"
+                    if _ode_end_points_missing(run) else "") + ". ")
+    else:
+        lines = ("This run has no N → ∞ theory (theory.csv is empty or missing: --theory "
+                 "none, or a folder of an earlier release), so lines only join the points. ")
+    if s == 0:
+        return f"{lines}This run has no simulation (--theory only), so there are no points."
+    return (f"{lines}Points: simulation, {what}; an error bar that reaches past the plot "
+            "(with few students its lower end can be at or below zero, which a log axis "
+            "cannot show) is cut at the axis. The methods' points (not the lines) are shifted "
+            "slightly sideways so that coinciding points stay visible. The dashed line is the "
+            "unpruned (rescaled) student.")
+
+
+def lines_and_points(run):
+    """The legend's title: what the lines and the points of figures 1 and 2 are."""
+    df = selected_rows(run)
+    s = students(df)
+    if s > 1:
+        points = f"points: simulation, mean over {s} students, 95% interval"
+    elif s == 1:
+        points = (f"points: simulation, mean over {df['round'].nunique()} rounds of one "
+                  "student, 95% interval")
+    else:
+        points = "no simulation in this run"
+    if has_theory(run):
+        return f"lines: {THEORY}; {points}"
+    return f"{points}; lines join the points (no N → ∞ theory in this run)"
 
 
 def x_positions_caption(run):
@@ -151,32 +233,99 @@ def x_positions_caption(run):
             f"(e + 1)/(N + 1) (N = {n}), so the two differ slightly at the same budget.")
 
 
+def ode_end_point(run, student, noise, student_h_size):
+    """(q (K, K), r (K, M), t (M, M), v (K,), v_star (M,)): where the training ODEs of a
+    student ended (not rescaled), as its theory unit file stores them (sweep.run_theory), for
+    the study's own teacher; None when the file is missing."""
+    unit = sweep.Theory(sweep.Dataset(int(student), float(noise)), int(student_h_size))
+    path = sweep.theory_path(run.out, unit)
+    if not os.path.exists(path):
+        return None
+    with np.load(path) as z:
+        return tuple(z[name] for name in ("q", "r", "t", "v", "v_star"))
+
+
+def edge_theory(run, method, fractions, end_point, noise):
+    """ε_g + σ²/2 at N → ∞ (F,) of an edge method keeping the fractions f (F,) of each node's
+    incoming weights, of the student at `end_point` with its rows rescaled to norm √N (the
+    figures show rescale = 1): pruning_limit.pruned_losses, as theory_rows.theory_losses
+    computes it at the study's budgets. Edge reweighting changes nothing at N → ∞."""
+    q, r, t, v, v_star = end_point
+    q, r = rescale_order_parameters(q, r)
+    fractions = [float(f) for f in fractions]
+    eps = pruned_losses({method: fractions}, q, r, t, v, v_star, (False,),
+                        run.preset.importance_rule, run.preset.nonlinearity)
+    return np.array([eps[(method, f, False)] for f in fractions]) + 0.5 * float(noise) ** 2
+
+
+def theory_line(run, noise, student_h_size, method, reweighting=0, x="fraction_kept"):
+    """(xs, ys) of a method's N → ∞ theory line, or None when the run has no theory of it:
+    ys is the mean over the run's students of the test loss ε_g + σ²/2 (theory.csv).
+    x = 'fraction_kept': xs is the fraction of the parameters kept; x = 'k': the method's
+    --k (nodes, or weights per node). Node methods have theory at whole node counts only,
+    so their line joins theory.csv's budgets. Edge methods are drawn on a fine grid of the
+    fraction f of each node's incoming weights kept, from the panel's smallest to its
+    largest budget with the budgets' own f = e/N among them, at (fN + 1)/(N + 1) of the
+    parameters (f N weights per node), from each student's ODE end point (`ode_end_point`,
+    `edge_theory`); when a student's unit file is missing, their line joins the budgets."""
+    rows = selected_theory(run)
+    rows = rows[(rows.noise == noise) & (rows.student_h_size == student_h_size)
+                & (rows.method == method) & (rows.reweighting == reweighting)]
+    if rows.empty:
+        return None
+    budgets = rows.groupby("nodes_equivalent").agg(
+        k=("k", "first"), fraction_kept=("fraction_kept", "first"), theory=("theory", "mean"))
+    if method in EDGE_METHODS:
+        n = run.preset.input_dim
+        ends = [ode_end_point(run, s, noise, student_h_size) for s in sorted(rows.student.unique())]
+        if all(end is not None for end in ends):
+            kept = budgets.k.to_numpy() / n                                   # f = e / N
+            f = np.union1d(np.linspace(kept.min(), kept.max(), EDGE_LINE_POINTS), kept)
+            ys = np.mean([edge_theory(run, method, f, end, noise) for end in ends], axis=0)
+            return (f * n if x == "k" else (f * n + 1) / (n + 1)), ys
+    return budgets[x].to_numpy(dtype=float), budgets.theory.to_numpy()
+
+
 def plot_loss_vs_budget(run, ax, noise, student_h_size, reweighting=0, methods=None,
                         x="fraction_kept"):
-    """Average test loss against parameters kept (%), 95% intervals as bands (see the
-    docstring). The y range is set by the means and the unpruned loss; bands reaching past
-    it are cut at the axis. Methods are shifted slightly sideways, so that coinciding points
-    stay visible."""
+    """Average test loss against parameters kept (x = 'fraction_kept', in %) or the methods'
+    --k (x = 'k'): per method its N → ∞ theory as a line (`theory_line`, labelled
+    '<method>: N → ∞ theory') and the simulation as points with 95% intervals as error bars
+    (the module docstring; an ErrorbarContainer labelled '<method>: simulation'), in the
+    method's colour and marker; a method without theory has its points joined by a line
+    instead. The y range is set by the means, the theory and the unpruned loss; error bars
+    reaching past it are cut at the axis. The points (not the lines) are shifted slightly
+    sideways per method, so that coinciding points stay visible."""
     df = selected_rows(run)
     df = df[(df.noise == noise) & (df.student_h_size == student_h_size)
             & (df.reweighting == reweighting)]
     summary = _summary(df)
-    methods = [m for m in methods or sweep.ALL_METHODS if m in set(summary.method)]
+    candidates = list(methods or sweep.ALL_METHODS)
+    lines = {m: theory_line(run, noise, student_h_size, m, reweighting, x) for m in candidates}
+    lines = {m: line for m, line in lines.items() if line is not None}
+    methods = [m for m in candidates if m in set(summary.method) or m in lines]
     summary = summary[summary.method.isin(methods)]
     scale = 100 if x == "fraction_kept" else 1
     span = (summary[x].max() - summary[x].min()) * scale if not summary.empty else 1.0
     shift = method_offsets(methods, (0.02 if x == "k" else 0.008) * (span or 1.0))
+    values = list(summary["mean"]) + [y for _, ys in lines.values() for y in ys]
     if not summary.empty:
         unpruned = summary.unpruned.iloc[0]
-        low = min(summary["mean"].min(), unpruned) / 1.6
-        ax.set_ylim(low, max(summary["mean"].max(), unpruned) * 2.0)
+        values.append(unpruned)
         ax.axhline(unpruned, color="k", ls="--", lw=1, label="unpruned")
+    low = min(values) / 1.6 if values else None
+    if values:
+        ax.set_ylim(low, max(values) * 2.0)
     for method in methods:
-        part = summary[summary.method == method].sort_values(x)
-        xs = part[x] * scale + shift[method]
         style = method_style(method)
-        band(ax, xs, part["mean"], part["ci"], low, color=style["color"])
-        ax.plot(xs, part["mean"], lw=1.3, ms=5, alpha=0.9, label=method, **style)
+        if method in lines:
+            xs, ys = lines[method]
+            ax.plot(xs * scale, ys, color=style["color"], lw=1.4, alpha=0.85,
+                    label=f"{method}: {THEORY}")
+        part = summary[summary.method == method].sort_values(x)
+        if not part.empty:
+            error_bars(ax, part[x] * scale + shift[method], part["mean"], part["ci"], low,
+                       joined=method not in lines, label=f"{method}: {SIMULATION}", **style)
     if x == "fraction_kept":
         ax.set_xlabel("parameters kept")
         percent_axis(ax.xaxis)
@@ -200,30 +349,34 @@ def _grid(count, columns=2, width=5.2, height=3.9):
     return fig, flat[:count]
 
 
-def _legend_below(fig, axes):
-    """One legend for every method drawn in any panel, below the panels (it covers none)."""
-    handles = {}
+def _legend_below(fig, axes, title=None):
+    """One legend for everything drawn in any panel, below the panels (it covers none), with
+    `title` above its entries. Artists labelled '<name>: <what>' (a method's theory line and
+    its points) share the one entry <name>, drawn on top of each other."""
+    entries = {}                                          # name -> {label: handle}
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
-            handles.setdefault(label, handle)
+            entries.setdefault(label.split(": ")[0], {}).setdefault(label, handle)
     fig.tight_layout()
-    fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=4, fontsize=8,
-               bbox_to_anchor=(0.5, 0), frameon=False)
+    fig.legend([tuple(e.values()) for e in entries.values()], list(entries), loc="upper center",
+               ncol=4, fontsize=8, bbox_to_anchor=(0.5, 0), frameon=False, title=title,
+               title_fontsize=8, handler_map={tuple: HandlerTuple(ndivide=1)})
 
 
 def figure_loss_vs_budget(run, reweighting=0):
     """Figure 1: both noise levels for K = 6 (six methods) and the K = 20 panel, two
-    panels per row."""
+    panels per row; theory as lines, simulation as points (`plot_loss_vs_budget`)."""
     panels = [(noise, p) for p in run.preset.panels for noise in run.preset.noise_levels]
     fig, axes = _grid(len(panels))
     for ax, (noise, panel) in zip(axes, panels, strict=True):
         plot_loss_vs_budget(run, ax, noise, panel.student_h_size, reweighting, panel.methods)
-    _legend_below(fig, axes)
+    _legend_below(fig, axes, lines_and_points(run))
     return fig
 
 
 def figure_node_methods(run, reweighting=0):
-    """Figure 2: the node methods against hidden nodes kept, K = 6."""
+    """Figure 2: the node methods against hidden nodes kept, K = 6; theory as lines through
+    the whole node counts, simulation as points (`plot_loss_vs_budget`)."""
     noises = run.preset.noise_levels
     fig, axes = _grid(len(noises))
     student_h_size = run.preset.panels[0].student_h_size
@@ -231,7 +384,7 @@ def figure_node_methods(run, reweighting=0):
         plot_loss_vs_budget(run, ax, noise, student_h_size, reweighting,
                             ("dpp_node", "random_node", "importance_node"), x="k")
         ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
-    _legend_below(fig, axes)
+    _legend_below(fig, axes, lines_and_points(run))
     return fig
 
 
