@@ -1,5 +1,6 @@
 """Figures 1 and 2 draw the N → ∞ theory as lines and the simulation as points, in one colour
-and marker per method; a run without theory draws no theory lines."""
+and marker per method; a run without theory draws no theory lines; the phase diagram's
+winners are the theory's own."""
 import os
 import shutil
 
@@ -9,8 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dpp_pruning.experiments import figures, plots, sweep
-from dpp_pruning.theory.expectations import EDGE_METHODS
+from dpp_pruning.experiments import figures, plots, study, sweep, theory_rows
+from dpp_pruning.theory.expectations import EDGE_METHODS, rescale_order_parameters
+from dpp_pruning.theory.pruning_limit import pruned_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "smoke_run")
@@ -165,4 +167,69 @@ def test_the_legend_says_what_lines_and_points_are(smoke_run):
     caption = figures.error_bar_caption(smoke_run)
     assert caption.startswith("Lines: the N → ∞ theory") and "lack" not in caption
     assert "lacks the theory unit files" in figures.error_bar_caption(figures.Run(FIXTURE))
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------
+# The phase diagram
+
+@pytest.fixture(scope="module")
+def diagram():
+    return figures.phase_diagram(noises=(0.0, 0.5), student_h_sizes=(3, 6), edge_points=8)
+
+
+def direct_losses(noise, size):
+    """theory_rows.theory_losses of the paper's settings at σ = noise and K = size, for a study
+    written out here (not by figures.phase_study), and the trained order parameters."""
+    text = f"""
+[data]
+input_dim = 500
+num_data = 800000
+teacher_h_sizes = [2]
+v_star = 4
+noise_levels = [{noise}]
+[training]
+lr = 0.5
+epochs = 1
+[[panels]]
+student_h_size = {size}
+methods = "all"
+nodes_kept = {list(range(1, size))}
+"""
+    chosen = study.parse(text, "phase cell")
+    end = theory_rows.trained_order_parameters(chosen, sweep.Dataset(0, noise), size)
+    point = (end.q[-1], end.r[-1], end.t, end.v[-1], end.v_star)
+    return theory_rows.theory_losses(chosen, chosen.panels[0], *point, noise, 1), point
+
+
+def test_phase_diagram_winners_are_the_argmin_of_the_theory_losses(diagram):
+    rows = diagram.by_noise + diagram.by_size
+    assert [(r.noise, r.student_h_size) for r in rows] == [(0.0, 6), (0.5, 6), (0.0, 3),
+                                                           (0.0, 6)]
+    for row in rows:
+        losses, (q, r, t, v, v_star) = direct_losses(row.noise, row.student_h_size)
+        for rw in (0, 1):
+            for k in range(1, row.student_h_size):
+                values = [losses[(m, k, rw)] for m in sweep.ALL_METHODS]
+                assert row.columns[rw][k] == sweep.ALL_METHODS[int(np.argmin(values))]
+        q, r = rescale_order_parameters(q, r)
+        for f, winner in zip(row.fractions, row.edge, strict=True):
+            values = [pruned_loss(m, f, q, r, t, v, v_star) for m in EDGE_METHODS]
+            assert winner == EDGE_METHODS[int(np.argmin(values))]
+
+
+def test_phase_diagram_cells_have_the_winners_colours(diagram):
+    fig = figures.figure_phase_diagram(diagram)
+    main = [ax for ax in fig.axes if any(p.get_gid() for p in ax.patches)]
+    assert len(main) == 4
+    for ax, (rows, rw) in zip(main, [(diagram.by_noise, 0), (diagram.by_size, 0),
+                                     (diagram.by_noise, 1), (diagram.by_size, 1)], strict=True):
+        cells = {p.get_gid(): p for p in ax.patches if p.get_gid()}
+        assert len(cells) == sum(row.student_h_size - 1 for row in rows)
+        for i, row in enumerate(rows):
+            for k, method in row.columns[rw].items():
+                cell = cells[f"row={i} k={k}"]
+                assert matplotlib.colors.to_hex(cell.get_facecolor()) == style(method)[0]
+                assert cell.get_x() + cell.get_width() / 2 == pytest.approx(
+                    100 * k / row.student_h_size)
     plt.close(fig)

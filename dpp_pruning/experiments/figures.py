@@ -12,11 +12,14 @@ independently trained students (the `student` column of results.csv, when there 
 than one) of each student's mean over rounds, with 95% t-intervals across students as error
 bars; with one student, means over rounds with 95% t-intervals across rounds. Only rows with
 `rescale` = 1 (rows rescaled to norm sqrt(N) before pruning, the default) are shown.
+`figure_phase_diagram` needs no run: it is the N → ∞ theory alone.
 """
+import dataclasses
 import glob
 import os
 
 import matplotlib.colors
+import matplotlib.lines
 import matplotlib.patches
 import matplotlib.pyplot as plt
 import numpy as np
@@ -26,8 +29,9 @@ from matplotlib.legend_handler import HandlerTuple
 
 from dpp_pruning import ROOT
 from dpp_pruning.experiments import claims as claims_module
-from dpp_pruning.experiments import run_tables, runner, study, sweep
+from dpp_pruning.experiments import run_tables, runner, study, sweep, theory_rows
 from dpp_pruning.experiments.plots import (
+    METHOD_STYLE,
     error_bars,
     method_offsets,
     method_style,
@@ -482,6 +486,216 @@ def figure_random_edge_closed_form(run):
         ax.grid(True, alpha=0.3)
     _legend_below(fig, axes)
     return fig
+
+
+# ----------------------------------------------------------------------------------------
+# The phase diagram: which method wins as N → ∞, from the theory alone (no run, no data)
+
+PHASE_NOISES = tuple(np.round(np.linspace(0.0, 0.5, 11), 10))   # σ, the first panel's rows
+PHASE_SIZES = tuple(range(2, 13))      # K, the second panel's rows (K/M = 1..6 at M = 2)
+
+
+def phase_study(noise=0.0, student_h_size=6, base=None):
+    """The study of one row of the phase diagram: `base` (default studies/paper.toml: N = 500
+    for the seeded start, α = epochs · P / N = 1600, M = 2, v* = 4, η = 0.5) with one student,
+    the noise level σ = noise, rows rescaled before pruning, and one panel of K =
+    student_h_size ≥ 2 nodes with all six methods at every node budget 1..K − 1."""
+    base = base or study.preset("paper")
+    panel = study.Panel(int(student_h_size), tuple(sweep.ALL_METHODS),
+                        tuple(range(1, int(student_h_size))))
+    return dataclasses.replace(base, noise_levels=(float(noise),), panels=(panel,), students=1,
+                               rescale=(1,), name="phase")
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseRow:
+    """One row of the phase diagram: a trained student's winners at N → ∞.
+
+    columns: reweighting -> {k: the method of lowest test loss of all six at the parameters of
+    k nodes, k = 1..K − 1} (edge methods at the study's matched e weights per node);
+    fractions (F,): fractions f of each node's incoming weights for the background, which
+    keep (fN + 1)/(N + 1) of the parameters; edge (F,): the edge method of lowest test loss
+    at each f (the same with and without reweighting at N → ∞); unpruned: the trained
+    student's test loss (before rescaling); losses: theory_rows.theory_losses."""
+    noise: float
+    student_h_size: int
+    input_dim: int
+    columns: dict
+    fractions: np.ndarray
+    edge: tuple
+    unpruned: float
+    losses: dict
+
+
+def _lowest(losses, methods):
+    """The method of lowest loss (methods -> loss), the first in `methods` on a tie; NaN
+    losses (node subsets too many to enumerate) never win."""
+    values = np.array([losses[m] for m in methods], dtype=float)
+    return methods[int(np.nanargmin(values))]
+
+
+def phase_row(noise, student_h_size, edge_points=100, base=None):
+    """The PhaseRow of a student of K = student_h_size nodes trained at noise σ (`phase_study`):
+    the training ODEs from the seeded start (theory_rows.trained_order_parameters), then
+    theory_rows.theory_losses at every node budget, and pruning_limit.pruned_losses of the
+    edge methods at `edge_points` fractions f = (j + 1/2) / edge_points."""
+    chosen = phase_study(noise, student_h_size, base)
+    panel = chosen.panels[0]
+    trajectory = theory_rows.trained_order_parameters(chosen, sweep.Dataset(0, float(noise)),
+                                                      panel.student_h_size)
+    q, r, t = trajectory.q[-1], trajectory.r[-1], trajectory.t
+    v, v_star = trajectory.v[-1], trajectory.v_star
+    losses = theory_rows.theory_losses(chosen, panel, q, r, t, v, v_star, noise, 1)
+    columns = {rw: {k: _lowest({m: losses[(m, k, rw)] for m in sweep.ALL_METHODS},
+                               sweep.ALL_METHODS) for k in panel.node_budgets}
+               for rw in chosen.reweighting}
+    fractions = (np.arange(edge_points) + 0.5) / edge_points
+    scaled_q, scaled_r = rescale_order_parameters(q, r)
+    eps = pruned_losses({m: list(fractions) for m in EDGE_METHODS}, scaled_q, scaled_r, t, v,
+                        v_star, (False,), chosen.importance_rule, chosen.nonlinearity)
+    edge = tuple(_lowest({m: eps[(m, f, False)] for m in EDGE_METHODS}, EDGE_METHODS)
+                 for f in fractions)
+    return PhaseRow(float(noise), panel.student_h_size, chosen.input_dim, columns, fractions,
+                    edge, float(trajectory.test_loss[-1]), losses)
+
+
+def _phase_panel(ax, rows, labels, reweighting):
+    """Draw one panel: row i of `rows` at y = i, x the parameters kept (%); the background is
+    each row's edge winner, the outlined cells at k/K the winner of all six (a Rectangle with
+    gid 'row=<i> k=<k>', and the method's marker on it)."""
+    colours = matplotlib.colors.ListedColormap([METHOD_STYLE[m][0] for m in sweep.ALL_METHODS])
+    for i, row in enumerate(rows):
+        n = row.input_dim
+        f_edges = np.linspace(0.0, 1.0, len(row.fractions) + 1)
+        x_edges = 100 * (f_edges * n + 1) / (n + 1)
+        codes = np.array([[sweep.ALL_METHODS.index(m) for m in row.edge]], dtype=float)
+        ax.pcolormesh(x_edges, [i - 0.5, i + 0.5], codes, cmap=colours, vmin=-0.5,
+                      vmax=len(sweep.ALL_METHODS) - 0.5, alpha=0.3, shading="flat",
+                      edgecolors="none")
+        width = 100 * min(0.5 / row.student_h_size, 0.06)
+        for k, method in row.columns[reweighting].items():
+            colour, marker = METHOD_STYLE[method]
+            x = 100 * k / row.student_h_size
+            ax.add_patch(matplotlib.patches.Rectangle(
+                (x - width / 2, i - 0.42), width, 0.84, facecolor=colour, edgecolor="k",
+                lw=0.6, gid=f"row={i} k={k}"))
+            ax.plot(x, i, ls="none", marker=marker, ms=6, color="white", mec="k", mew=0.5)
+    ax.set_xlim(0.0, 100.0)
+    ax.set_ylim(-0.5, len(rows) - 0.5)
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    percent_axis(ax.xaxis)
+    ax.set_xlabel("parameters kept")
+    right = ax.twinx()
+    right.set_ylim(ax.get_ylim())
+    right.set_yticks(range(len(rows)), [f"{row.unpruned:.2g}" for row in rows], fontsize=7)
+    right.set_ylabel("unpruned test loss", fontsize=8)
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseDiagram:
+    """The rows of both panels of the phase diagram: by_noise (one PhaseRow per σ, one K),
+    by_size (one per K, one σ), and the study they were made from (`phase_study`'s base)."""
+    by_noise: list
+    by_size: list
+    base: study.Study
+
+
+def phase_diagram(noises=PHASE_NOISES, student_h_sizes=PHASE_SIZES, student_h_size=6,
+                  noise_for_sizes=0.0, edge_points=100, base=None):
+    """PhaseDiagram: phase_row(σ, student_h_size) for σ in noises and
+    phase_row(noise_for_sizes, K) for K in student_h_sizes, from `base` (default the paper's
+    study). About 6 s for the defaults (22 ODEs to α = 1600, K up to 12)."""
+    base = base or study.preset("paper")
+    return PhaseDiagram([phase_row(s, student_h_size, edge_points, base) for s in noises],
+                        [phase_row(noise_for_sizes, k, edge_points, base)
+                         for k in student_h_sizes], base)
+
+
+def figure_phase_diagram(diagram=None):
+    """Which pruning method has the lowest N → ∞ test loss, from the theory alone (no data,
+    no SGD): x the fraction of parameters kept; y σ (left) and K/M (right); top row without,
+    bottom row with reweighting. diagram: a PhaseDiagram (default `phase_diagram()`, its
+    default settings). Shaded: the best edge method at every fraction kept; outlined cells
+    at k/K: the best of all six at the parameters of k nodes (`phase_diagram_caption`)."""
+    diagram = diagram or phase_diagram()
+    by_noise, by_size = diagram.by_noise, diagram.by_size
+    chosen = phase_study(base=diagram.base)
+    m = chosen.teacher_h_size
+    tall = max(len(by_noise), len(by_size))
+    fig, axes = plt.subplots(2, 2, figsize=(11.5, 2.4 + 0.62 * tall), squeeze=False)
+    for i, rw in enumerate((0, 1)):
+        words = "with reweighting" if rw else "without reweighting"
+        _phase_panel(axes[i, 0], by_noise, [f"{row.noise:g}" for row in by_noise], rw)
+        axes[i, 0].set_ylabel("σ (label noise)")
+        axes[i, 0].set_title(f"K = {by_noise[0].student_h_size}, M = {m}, {words}", fontsize=10)
+        _phase_panel(axes[i, 1], by_size,
+                     [f"{row.student_h_size} ({row.student_h_size / m:g})" for row in by_size],
+                     rw)
+        axes[i, 1].set_ylabel("K (K/M)")
+        axes[i, 1].set_title(f"σ = {by_size[0].noise:g}, M = {m}, {words}", fontsize=10)
+    fig.suptitle(f"Lowest test loss at N → ∞ (theory alone): the training ODEs from a seeded "
+                 f"N = {chosen.input_dim} start to α = {theory_rows.training_alpha(chosen):g}, "
+                 f"v* = {chosen.v_star:g}, η = {chosen.lr:g}", fontsize=10)
+    handles = [(matplotlib.patches.Patch(facecolor=METHOD_STYLE[mth][0], edgecolor="k", lw=0.6),
+                matplotlib.lines.Line2D([], [], ls="none", marker=METHOD_STYLE[mth][1], ms=6,
+                                        color="white", mec="k", mew=0.5))
+               for mth in sweep.ALL_METHODS]
+    labels = list(sweep.ALL_METHODS)
+    for mth in EDGE_METHODS:                       # the shades the background shows
+        if any(mth in row.edge for row in by_noise + by_size):
+            handles.append((matplotlib.patches.Patch(facecolor=METHOD_STYLE[mth][0],
+                                                     alpha=0.3),))
+            labels.append(f"{mth} (shaded)")
+    fig.tight_layout()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0),
+               ncol=len(labels), fontsize=8, frameon=False,
+               handler_map={tuple: HandlerTuple(ndivide=1)},
+               title="outlined cells at k/K: lowest of all six methods at the parameters of k "
+                     "nodes; shaded: lowest edge method at every fraction kept",
+               title_fontsize=8)
+    return fig
+
+
+def phase_counts(diagram):
+    """In words: how many node-budget cells each method wins, without and with reweighting,
+    and which edge methods win somewhere in the background."""
+    rows = diagram.by_noise + diagram.by_size
+    parts = []
+    for rw in (0, 1):
+        won = pd.Series([m for row in rows for m in row.columns[rw].values()]).value_counts()
+        parts.append(f"{'with' if rw else 'without'} reweighting, cells won: "
+                     + ", ".join(f"{m} {won[m]}" for m in sweep.ALL_METHODS if m in won))
+    edge = [m for m in EDGE_METHODS if any(m in row.edge for row in rows)]
+    parts.append("best edge method somewhere in the background: " + ", ".join(edge))
+    return "; ".join(parts)
+
+
+def phase_diagram_caption(diagram):
+    """What the phase diagram shows and how node and edge methods are compared."""
+    chosen = phase_study(base=diagram.base)
+    student_h_size = diagram.by_noise[0].student_h_size
+    noise_for_sizes = diagram.by_size[0].noise
+    return (
+        "Each row is one student (seeded as student 0 of a study: teacher of M = "
+        f"{chosen.teacher_h_size}, start at N = {chosen.input_dim}) trained by the N → ∞ "
+        f"order-parameter ODEs to α = {theory_rows.training_alpha(chosen):g}, then pruned "
+        "in theory (docs/theory.md, 'Pruning at N → ∞'), rows rescaled to norm √N first; no "
+        "data and no SGD. Edge methods keep any fraction f of each node's incoming weights, "
+        "so the shaded background is the edge method of lowest test loss at every fraction "
+        "of parameters kept, (fN + 1)/(N + 1). Node methods exist only at k/K: there the "
+        "outlined cell (colour and marker of the method) compares all six methods at the "
+        "parameters of k nodes, edge methods at the matched e = k(N + 1)/K − 1 weights per "
+        "node rounded, as the study does; between those columns no node method can keep that "
+        "many parameters. At N → ∞ edge reweighting changes nothing, so the background is "
+        "the same in both rows. Left: σ at K = "
+        f"{student_h_size} (every σ shares the teacher and the initial student, only the label "
+        "noise differs). Right: the student's width K/M at σ = "
+        f"{noise_for_sizes:g}: the redundancy of the student's nodes is what node pruning, "
+        "and dpp_node's diversity above all, acts on, and it is the paper's own second axis "
+        "(K = 6 and K = 20); η would only move the student along the same training path "
+        "(faster, with an error floor growing with η σ²). Each K has its own seeded start. "
+        "The right-hand labels are the unpruned student's test loss: a large one (K near M) "
+        "is a student still on the plateau at the end of training.")
 
 
 # ----------------------------------------------------------------------------------------
