@@ -233,3 +233,23 @@ def test_phase_diagram_cells_have_the_winners_colours(diagram):
                 assert cell.get_x() + cell.get_width() / 2 == pytest.approx(
                     100 * k / row.student_h_size)
     plt.close(fig)
+
+
+def test_phase_diagram_notebook_saves_its_figure_and_stores_no_machine_folder(root, tmp_path,
+                                                                              monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+    path = root / "notebooks" / "7_phase_diagram.ipynb"
+    stored = "".join(o.get("text", "") for c in nbformat.read(path, as_version=4).cells
+                     if c.cell_type == "code" for o in c.outputs)
+    assert stored.startswith("saved runs/theory/figures/phase_diagram.png\n")
+    assert str(root) not in stored and "/tmp" not in stored
+    monkeypatch.setenv("PHASE_OUT", str(tmp_path))
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(root / "notebooks")}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 1
+    text = "".join(o.get("text", "") for o in outputs)
+    assert f"saved {tmp_path / 'figures' / 'phase_diagram.png'}" in text
+    assert (tmp_path / "figures" / "phase_diagram.png").read_bytes()[:4] == b"\x89PNG"
