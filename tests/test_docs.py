@@ -105,7 +105,7 @@ def test_real_data_figure_has_the_shared_styles_and_percent_axes():
     assert all(t.get_text().endswith("%") for t in ax.get_xticklabels() if t.get_text())
 
 
-def test_loss_figure_keeps_bands_inside_and_shares_the_styles(tmp_path):
+def test_loss_figure_keeps_error_bars_inside_and_shares_the_styles(tmp_path):
     import shutil
 
     from dpp_pruning.experiments import figures, plots
@@ -115,17 +115,17 @@ def test_loss_figure_keeps_bands_inside_and_shares_the_styles(tmp_path):
     fig, ax = matplotlib.pyplot.subplots()
     figures.plot_loss_vs_budget(run, ax, 0.0, 6)
     low, high = ax.get_ylim()
-    for collection in ax.collections:                     # the bands
-        ys = np.concatenate([p.vertices[:, 1] for p in collection.get_paths()])
-        assert ys.min() >= low * (1 - 1e-9) and ys.min() > 0
-    lines = {line.get_label(): line for line in ax.get_lines()
-             if line.get_label() in plots.METHOD_STYLE}
-    assert len(lines) == 6
-    for method, line in lines.items():
+    points = {c.get_label().split(": ")[0]: c for c in ax.containers}
+    assert len(points) == 6
+    for method, bars in points.items():
+        data, _, (errors,) = bars.lines
+        ys = np.concatenate([s[:, 1] for s in errors.get_segments()])
+        assert ys.min() >= low * (1 - 1e-9) and ys.min() > 0     # cut at the log axis
         color, marker = plots.METHOD_STYLE[method]
-        assert (matplotlib.colors.to_hex(line.get_color()), line.get_marker()) == \
+        assert (matplotlib.colors.to_hex(data.get_color()), data.get_marker()) == \
             (matplotlib.colors.to_hex(color), marker)
-    xs = {tuple(np.round(line.get_xdata(), 6)) for line in lines.values()}
+    xs = {tuple(np.round(np.asarray(c.lines[0].get_xdata(), dtype=float), 6))
+          for c in points.values()}
     assert len(xs) == 6                                  # shifted apart, none hides another
 
 
@@ -139,11 +139,11 @@ def test_node_methods_sit_beside_their_budget_not_between_budgets():
     weights) must not widen that shift beyond a fraction of a node."""
     from dpp_pruning.experiments import figures
     fig = figures.figure_node_methods(figures.Run(FIXTURE))
-    lines = [ln for ln in fig.axes[0].lines if ln.get_label().endswith("_node")]
-    assert len(lines) == 3
-    for line in lines:
-        xs = np.asarray(line.get_xdata(), dtype=float)
-        assert np.all(np.abs(xs - np.round(xs)) < 0.1), (line.get_label(), xs)
+    points = [c for c in fig.axes[0].containers if c.get_label().endswith("_node: simulation")]
+    assert len(points) == 3
+    for bars in points:
+        xs = np.asarray(bars.lines[0].get_xdata(), dtype=float)
+        assert np.all(np.abs(xs - np.round(xs)) < 0.1), (bars.get_label(), xs)
 
 
 def test_tables_count_the_students_the_claims_were_judged_on(tmp_path):

@@ -6,27 +6,45 @@ figure. The run folder is $REPRO_OUT, or runs/<preset> with the preset from $REP
 and no runs/paper it runs the smoke preset (seconds) and says so; a folder named by them
 without results.csv stops it with one sentence naming the command that fills it.
 
-Points are means over independently trained students (the `student` column of results.csv,
-when there is more than one) of each student's mean over rounds, with 95% t-intervals across
-students as error bars; with one student, means over rounds with 95% t-intervals across
-rounds. Only rows with `rescale` = 1 (rows rescaled to norm sqrt(N) before pruning, the
-default) are shown.
+Figures 1 and 2 draw theory as lines and simulation as points. Lines are the N → ∞ theory
+(theory.csv, `theory_line`), the mean over the run's students. Points are means over
+independently trained students (the `student` column of results.csv, when there is more
+than one) of each student's mean over rounds, with 95% t-intervals across students as error
+bars; with one student, means over rounds with 95% t-intervals across rounds. Only rows with
+`rescale` = 1 (rows rescaled to norm sqrt(N) before pruning, the default) are shown.
+`figure_phase_diagram` needs no run: it is the N → ∞ theory alone.
 """
+import dataclasses
+import glob
 import os
 
 import matplotlib.colors
+import matplotlib.lines
 import matplotlib.patches
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import scipy.stats
+from matplotlib.legend_handler import HandlerTuple
 
 from dpp_pruning import ROOT
 from dpp_pruning.experiments import claims as claims_module
-from dpp_pruning.experiments import runner, study, sweep
-from dpp_pruning.experiments.plots import band, method_offsets, method_style, percent_axis, shown
-from dpp_pruning.theory.expectations import expected_random_edge_loss
+from dpp_pruning.experiments import run_tables, runner, study, sweep, theory_rows
+from dpp_pruning.experiments.plots import (
+    METHOD_STYLE,
+    error_bars,
+    method_offsets,
+    method_style,
+    percent_axis,
+    shown,
+)
+from dpp_pruning.theory.expectations import (
+    EDGE_METHODS,
+    expected_random_edge_loss,
+    rescale_order_parameters,
+)
 from dpp_pruning.theory.order_params import NotSpecialised, block_order
+from dpp_pruning.theory.pruning_limit import pruned_losses
 
 
 class NoResults(Exception):
@@ -34,7 +52,8 @@ class NoResults(Exception):
 
 
 class Run:
-    """A reproduce.py output folder: results.csv as a DataFrame, the preset, the cells.
+    """A reproduce.py output folder: results.csv as a DataFrame (`df`), theory.csv as one
+    (`theory`: empty when the run has none), the preset, the cells.
 
     `note` says why this run is shown when it is not the one asked for."""
 
@@ -45,6 +64,7 @@ class Run:
             raise NoResults(f"{out} holds no {study.RECORD}: it is not a reproduce.py run folder")
         self.preset_name = self.preset.name
         self.df = pd.read_csv(os.path.join(out, "results.csv"))
+        self.theory = read_theory(out)
 
     def describe(self):
         p = self.preset
@@ -87,12 +107,36 @@ def load_run(out=None, preset=None):
     return Run(out, note)
 
 
+def read_theory(out):
+    """theory.csv of a run folder as a DataFrame, empty (with its columns) when the run has
+    no theory: --theory none, or a folder of an earlier release, which has no theory.csv."""
+    path = os.path.join(out, "theory.csv")
+    if not os.path.exists(path):
+        return pd.DataFrame(columns=run_tables.THEORY_COLUMNS)
+    return pd.read_csv(path)
+
+
 def selected_rows(run):
     """The rows of results.csv the figures show: students rescaled before pruning
     (rescale = 1), with the preset's teacher (a run may add a K = 20 panel with another
     teacher size, which notebook 6 shows)."""
-    df = run.df
-    return df[(df.rescale == 1) & (df.teacher_h_size == run.preset.teacher_h_size)]
+    return _shown_rows(run.df, run.preset)
+
+
+def selected_theory(run):
+    """The rows of theory.csv the figures draw, chosen as `selected_rows` chooses, without
+    the budgets whose theory could not be computed (NaN)."""
+    rows = _shown_rows(run.theory, run.preset)
+    return rows[rows.theory.notna()]
+
+
+def has_theory(run):
+    """Whether the figures of this run have N → ∞ theory lines to draw."""
+    return not selected_theory(run).empty
+
+
+def _shown_rows(df, preset):
+    return df[(df.rescale == 1) & (df.teacher_h_size == preset.teacher_h_size)]
 
 
 def students(df):
@@ -126,21 +170,63 @@ def _summary(df):
     return pd.DataFrame(rows, columns=keys + ["mean", "ci", "predicted", "unpruned"])
 
 
+THEORY = "N → ∞ theory"      # the label of a theory line: '<method>: N → ∞ theory'
+SIMULATION = "simulation"     # the label of a method's points: '<method>: simulation'
+EDGE_LINE_POINTS = 60         # fractions kept on an edge method's theory line (and its budgets)
+
+
+def _ode_end_points_missing(run):
+    """Whether a run with theory lacks the unit files that hold its ODEs' end points (a
+    folder copied without them), so that edge lines join their budgets only."""
+    return not glob.glob(os.path.join(run.out, "student_*", "theory", "*.npz"))
+
+
 def error_bar_caption(run):
-    """One sentence on what the points and error bars of figures 1 and 2 are."""
+    """What the lines, points and error bars of figures 1 and 2 are (a few sentences)."""
     df = selected_rows(run)
     s = students(df)
     if s > 1:
         what = (f"mean over {s} independently trained students of each student's mean over "
-                f"{df['round'].nunique()} rounds; shaded: 95% t-interval of that mean across "
-                "students")
+                f"{df['round'].nunique()} rounds; error bars: 95% t-interval of that mean "
+                "across students")
     else:
         what = (f"mean over {df['round'].nunique()} rounds of mask draws from one trained "
-                "student; shaded: 95% t-interval of that mean across rounds")
-    return (f"Points: {what}; a band that reaches past the plot (with few students its lower "
-            "end can be at or below zero, which a log axis cannot show) is cut at the axis. "
-            "Methods are shifted slightly sideways so that coinciding points stay visible. "
-            "The dashed line is the unpruned (rescaled) student.")
+                "student; error bars: 95% t-interval of that mean across rounds")
+    if has_theory(run):
+        theory_s = selected_theory(run).student.nunique()
+        lines = (f"Lines: the N → ∞ theory (theory.csv: the training ODEs from each student's "
+                 "seeded start, then the pruning theory of docs/theory.md), mean over "
+                 f"{theory_s} student{'s' if theory_s > 1 else ''}; edge methods on a fine "
+                 "grid of the fraction kept, node methods through their whole node counts"
+                 + (" (this folder lacks the theory unit files that hold the ODEs' end "
+                    "points, so the edge methods' lines join their budgets too)"
+                    if _ode_end_points_missing(run) else "") + ". ")
+    else:
+        lines = ("This run has no N → ∞ theory (theory.csv is empty or missing: --theory "
+                 "none, or a folder of an earlier release), so lines only join the points. ")
+    if s == 0:
+        return f"{lines}This run has no simulation (--theory only), so there are no points."
+    return (f"{lines}Points: simulation, {what}; an error bar that reaches past the plot "
+            "(with few students its lower end can be at or below zero, which a log axis "
+            "cannot show) is cut at the axis. The methods' points (not the lines) are shifted "
+            "slightly sideways so that coinciding points stay visible. The dashed line is the "
+            "unpruned (rescaled) student.")
+
+
+def lines_and_points(run):
+    """The legend's title: what the lines and the points of figures 1 and 2 are."""
+    df = selected_rows(run)
+    s = students(df)
+    if s > 1:
+        points = f"points: simulation, mean over {s} students, 95% interval"
+    elif s == 1:
+        points = (f"points: simulation, mean over {df['round'].nunique()} rounds of one "
+                  "student, 95% interval")
+    else:
+        points = "no simulation in this run"
+    if has_theory(run):
+        return f"lines: {THEORY}; {points}"
+    return f"{points}; lines join the points (no N → ∞ theory in this run)"
 
 
 def x_positions_caption(run):
@@ -151,32 +237,99 @@ def x_positions_caption(run):
             f"(e + 1)/(N + 1) (N = {n}), so the two differ slightly at the same budget.")
 
 
+def ode_end_point(run, student, noise, student_h_size):
+    """(q (K, K), r (K, M), t (M, M), v (K,), v_star (M,)): where the training ODEs of a
+    student ended (not rescaled), as its theory unit file stores them (sweep.run_theory), for
+    the study's own teacher; None when the file is missing."""
+    unit = sweep.Theory(sweep.Dataset(int(student), float(noise)), int(student_h_size))
+    path = sweep.theory_path(run.out, unit)
+    if not os.path.exists(path):
+        return None
+    with np.load(path) as z:
+        return tuple(z[name] for name in ("q", "r", "t", "v", "v_star"))
+
+
+def edge_theory(run, method, fractions, end_point, noise):
+    """ε_g + σ²/2 at N → ∞ (F,) of an edge method keeping the fractions f (F,) of each node's
+    incoming weights, of the student at `end_point` with its rows rescaled to norm √N (the
+    figures show rescale = 1): pruning_limit.pruned_losses, as theory_rows.theory_losses
+    computes it at the study's budgets. Edge reweighting changes nothing at N → ∞."""
+    q, r, t, v, v_star = end_point
+    q, r = rescale_order_parameters(q, r)
+    fractions = [float(f) for f in fractions]
+    eps = pruned_losses({method: fractions}, q, r, t, v, v_star, (False,),
+                        run.preset.importance_rule, run.preset.nonlinearity)
+    return np.array([eps[(method, f, False)] for f in fractions]) + 0.5 * float(noise) ** 2
+
+
+def theory_line(run, noise, student_h_size, method, reweighting=0, x="fraction_kept"):
+    """(xs, ys) of a method's N → ∞ theory line, or None when the run has no theory of it:
+    ys is the mean over the run's students of the test loss ε_g + σ²/2 (theory.csv).
+    x = 'fraction_kept': xs is the fraction of the parameters kept; x = 'k': the method's
+    --k (nodes, or weights per node). Node methods have theory at whole node counts only,
+    so their line joins theory.csv's budgets. Edge methods are drawn on a fine grid of the
+    fraction f of each node's incoming weights kept, from the panel's smallest to its
+    largest budget with the budgets' own f = e/N among them, at (fN + 1)/(N + 1) of the
+    parameters (f N weights per node), from each student's ODE end point (`ode_end_point`,
+    `edge_theory`); when a student's unit file is missing, their line joins the budgets."""
+    rows = selected_theory(run)
+    rows = rows[(rows.noise == noise) & (rows.student_h_size == student_h_size)
+                & (rows.method == method) & (rows.reweighting == reweighting)]
+    if rows.empty:
+        return None
+    budgets = rows.groupby("nodes_equivalent").agg(
+        k=("k", "first"), fraction_kept=("fraction_kept", "first"), theory=("theory", "mean"))
+    if method in EDGE_METHODS:
+        n = run.preset.input_dim
+        ends = [ode_end_point(run, s, noise, student_h_size) for s in sorted(rows.student.unique())]
+        if all(end is not None for end in ends):
+            kept = budgets.k.to_numpy() / n                                   # f = e / N
+            f = np.union1d(np.linspace(kept.min(), kept.max(), EDGE_LINE_POINTS), kept)
+            ys = np.mean([edge_theory(run, method, f, end, noise) for end in ends], axis=0)
+            return (f * n if x == "k" else (f * n + 1) / (n + 1)), ys
+    return budgets[x].to_numpy(dtype=float), budgets.theory.to_numpy()
+
+
 def plot_loss_vs_budget(run, ax, noise, student_h_size, reweighting=0, methods=None,
                         x="fraction_kept"):
-    """Average test loss against parameters kept (%), 95% intervals as bands (see the
-    docstring). The y range is set by the means and the unpruned loss; bands reaching past
-    it are cut at the axis. Methods are shifted slightly sideways, so that coinciding points
-    stay visible."""
+    """Average test loss against parameters kept (x = 'fraction_kept', in %) or the methods'
+    --k (x = 'k'): per method its N → ∞ theory as a line (`theory_line`, labelled
+    '<method>: N → ∞ theory') and the simulation as points with 95% intervals as error bars
+    (the module docstring; an ErrorbarContainer labelled '<method>: simulation'), in the
+    method's colour and marker; a method without theory has its points joined by a line
+    instead. The y range is set by the means, the theory and the unpruned loss; error bars
+    reaching past it are cut at the axis. The points (not the lines) are shifted slightly
+    sideways per method, so that coinciding points stay visible."""
     df = selected_rows(run)
     df = df[(df.noise == noise) & (df.student_h_size == student_h_size)
             & (df.reweighting == reweighting)]
     summary = _summary(df)
-    methods = [m for m in methods or sweep.ALL_METHODS if m in set(summary.method)]
+    candidates = list(methods or sweep.ALL_METHODS)
+    lines = {m: theory_line(run, noise, student_h_size, m, reweighting, x) for m in candidates}
+    lines = {m: line for m, line in lines.items() if line is not None}
+    methods = [m for m in candidates if m in set(summary.method) or m in lines]
     summary = summary[summary.method.isin(methods)]
     scale = 100 if x == "fraction_kept" else 1
     span = (summary[x].max() - summary[x].min()) * scale if not summary.empty else 1.0
     shift = method_offsets(methods, (0.02 if x == "k" else 0.008) * (span or 1.0))
+    values = list(summary["mean"]) + [y for _, ys in lines.values() for y in ys]
     if not summary.empty:
         unpruned = summary.unpruned.iloc[0]
-        low = min(summary["mean"].min(), unpruned) / 1.6
-        ax.set_ylim(low, max(summary["mean"].max(), unpruned) * 2.0)
+        values.append(unpruned)
         ax.axhline(unpruned, color="k", ls="--", lw=1, label="unpruned")
+    low = min(values) / 1.6 if values else None
+    if values:
+        ax.set_ylim(low, max(values) * 2.0)
     for method in methods:
-        part = summary[summary.method == method].sort_values(x)
-        xs = part[x] * scale + shift[method]
         style = method_style(method)
-        band(ax, xs, part["mean"], part["ci"], low, color=style["color"])
-        ax.plot(xs, part["mean"], lw=1.3, ms=5, alpha=0.9, label=method, **style)
+        if method in lines:
+            xs, ys = lines[method]
+            ax.plot(xs * scale, ys, color=style["color"], lw=1.4, alpha=0.85,
+                    label=f"{method}: {THEORY}")
+        part = summary[summary.method == method].sort_values(x)
+        if not part.empty:
+            error_bars(ax, part[x] * scale + shift[method], part["mean"], part["ci"], low,
+                       joined=method not in lines, label=f"{method}: {SIMULATION}", **style)
     if x == "fraction_kept":
         ax.set_xlabel("parameters kept")
         percent_axis(ax.xaxis)
@@ -200,30 +353,34 @@ def _grid(count, columns=2, width=5.2, height=3.9):
     return fig, flat[:count]
 
 
-def _legend_below(fig, axes):
-    """One legend for every method drawn in any panel, below the panels (it covers none)."""
-    handles = {}
+def _legend_below(fig, axes, title=None):
+    """One legend for everything drawn in any panel, below the panels (it covers none), with
+    `title` above its entries. Artists labelled '<name>: <what>' (a method's theory line and
+    its points) share the one entry <name>, drawn on top of each other."""
+    entries = {}                                          # name -> {label: handle}
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
-            handles.setdefault(label, handle)
+            entries.setdefault(label.split(": ")[0], {}).setdefault(label, handle)
     fig.tight_layout()
-    fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=4, fontsize=8,
-               bbox_to_anchor=(0.5, 0), frameon=False)
+    fig.legend([tuple(e.values()) for e in entries.values()], list(entries), loc="upper center",
+               ncol=4, fontsize=8, bbox_to_anchor=(0.5, 0), frameon=False, title=title,
+               title_fontsize=8, handler_map={tuple: HandlerTuple(ndivide=1)})
 
 
 def figure_loss_vs_budget(run, reweighting=0):
     """Figure 1: both noise levels for K = 6 (six methods) and the K = 20 panel, two
-    panels per row."""
+    panels per row; theory as lines, simulation as points (`plot_loss_vs_budget`)."""
     panels = [(noise, p) for p in run.preset.panels for noise in run.preset.noise_levels]
     fig, axes = _grid(len(panels))
     for ax, (noise, panel) in zip(axes, panels, strict=True):
         plot_loss_vs_budget(run, ax, noise, panel.student_h_size, reweighting, panel.methods)
-    _legend_below(fig, axes)
+    _legend_below(fig, axes, lines_and_points(run))
     return fig
 
 
 def figure_node_methods(run, reweighting=0):
-    """Figure 2: the node methods against hidden nodes kept, K = 6."""
+    """Figure 2: the node methods against hidden nodes kept, K = 6; theory as lines through
+    the whole node counts, simulation as points (`plot_loss_vs_budget`)."""
     noises = run.preset.noise_levels
     fig, axes = _grid(len(noises))
     student_h_size = run.preset.panels[0].student_h_size
@@ -231,7 +388,7 @@ def figure_node_methods(run, reweighting=0):
         plot_loss_vs_budget(run, ax, noise, student_h_size, reweighting,
                             ("dpp_node", "random_node", "importance_node"), x="k")
         ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
-    _legend_below(fig, axes)
+    _legend_below(fig, axes, lines_and_points(run))
     return fig
 
 
@@ -329,6 +486,216 @@ def figure_random_edge_closed_form(run):
         ax.grid(True, alpha=0.3)
     _legend_below(fig, axes)
     return fig
+
+
+# ----------------------------------------------------------------------------------------
+# The phase diagram: which method wins as N → ∞, from the theory alone (no run, no data)
+
+PHASE_NOISES = tuple(np.round(np.linspace(0.0, 0.5, 11), 10))   # σ, the first panel's rows
+PHASE_SIZES = tuple(range(2, 13))      # K, the second panel's rows (K/M = 1..6 at M = 2)
+
+
+def phase_study(noise=0.0, student_h_size=6, base=None):
+    """The study of one row of the phase diagram: `base` (default studies/paper.toml: N = 500
+    for the seeded start, α = epochs · P / N = 1600, M = 2, v* = 4, η = 0.5) with one student,
+    the noise level σ = noise, rows rescaled before pruning, and one panel of K =
+    student_h_size ≥ 2 nodes with all six methods at every node budget 1..K − 1."""
+    base = base or study.preset("paper")
+    panel = study.Panel(int(student_h_size), tuple(sweep.ALL_METHODS),
+                        tuple(range(1, int(student_h_size))))
+    return dataclasses.replace(base, noise_levels=(float(noise),), panels=(panel,), students=1,
+                               rescale=(1,), name="phase")
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseRow:
+    """One row of the phase diagram: a trained student's winners at N → ∞.
+
+    columns: reweighting -> {k: the method of lowest test loss of all six at the parameters of
+    k nodes, k = 1..K − 1} (edge methods at the study's matched e weights per node);
+    fractions (F,): fractions f of each node's incoming weights for the background, which
+    keep (fN + 1)/(N + 1) of the parameters; edge (F,): the edge method of lowest test loss
+    at each f (the same with and without reweighting at N → ∞); unpruned: the trained
+    student's test loss (before rescaling); losses: theory_rows.theory_losses."""
+    noise: float
+    student_h_size: int
+    input_dim: int
+    columns: dict
+    fractions: np.ndarray
+    edge: tuple
+    unpruned: float
+    losses: dict
+
+
+def _lowest(losses, methods):
+    """The method of lowest loss (methods -> loss), the first in `methods` on a tie; NaN
+    losses (node subsets too many to enumerate) never win."""
+    values = np.array([losses[m] for m in methods], dtype=float)
+    return methods[int(np.nanargmin(values))]
+
+
+def phase_row(noise, student_h_size, edge_points=100, base=None):
+    """The PhaseRow of a student of K = student_h_size nodes trained at noise σ (`phase_study`):
+    the training ODEs from the seeded start (theory_rows.trained_order_parameters), then
+    theory_rows.theory_losses at every node budget, and pruning_limit.pruned_losses of the
+    edge methods at `edge_points` fractions f = (j + 1/2) / edge_points."""
+    chosen = phase_study(noise, student_h_size, base)
+    panel = chosen.panels[0]
+    trajectory = theory_rows.trained_order_parameters(chosen, sweep.Dataset(0, float(noise)),
+                                                      panel.student_h_size)
+    q, r, t = trajectory.q[-1], trajectory.r[-1], trajectory.t
+    v, v_star = trajectory.v[-1], trajectory.v_star
+    losses = theory_rows.theory_losses(chosen, panel, q, r, t, v, v_star, noise, 1)
+    columns = {rw: {k: _lowest({m: losses[(m, k, rw)] for m in sweep.ALL_METHODS},
+                               sweep.ALL_METHODS) for k in panel.node_budgets}
+               for rw in chosen.reweighting}
+    fractions = (np.arange(edge_points) + 0.5) / edge_points
+    scaled_q, scaled_r = rescale_order_parameters(q, r)
+    eps = pruned_losses({m: list(fractions) for m in EDGE_METHODS}, scaled_q, scaled_r, t, v,
+                        v_star, (False,), chosen.importance_rule, chosen.nonlinearity)
+    edge = tuple(_lowest({m: eps[(m, f, False)] for m in EDGE_METHODS}, EDGE_METHODS)
+                 for f in fractions)
+    return PhaseRow(float(noise), panel.student_h_size, chosen.input_dim, columns, fractions,
+                    edge, float(trajectory.test_loss[-1]), losses)
+
+
+def _phase_panel(ax, rows, labels, reweighting):
+    """Draw one panel: row i of `rows` at y = i, x the parameters kept (%); the background is
+    each row's edge winner, the outlined cells at k/K the winner of all six (a Rectangle with
+    gid 'row=<i> k=<k>', and the method's marker on it)."""
+    colours = matplotlib.colors.ListedColormap([METHOD_STYLE[m][0] for m in sweep.ALL_METHODS])
+    for i, row in enumerate(rows):
+        n = row.input_dim
+        f_edges = np.linspace(0.0, 1.0, len(row.fractions) + 1)
+        x_edges = 100 * (f_edges * n + 1) / (n + 1)
+        codes = np.array([[sweep.ALL_METHODS.index(m) for m in row.edge]], dtype=float)
+        ax.pcolormesh(x_edges, [i - 0.5, i + 0.5], codes, cmap=colours, vmin=-0.5,
+                      vmax=len(sweep.ALL_METHODS) - 0.5, alpha=0.3, shading="flat",
+                      edgecolors="none")
+        width = 100 * min(0.5 / row.student_h_size, 0.06)
+        for k, method in row.columns[reweighting].items():
+            colour, marker = METHOD_STYLE[method]
+            x = 100 * k / row.student_h_size
+            ax.add_patch(matplotlib.patches.Rectangle(
+                (x - width / 2, i - 0.42), width, 0.84, facecolor=colour, edgecolor="k",
+                lw=0.6, gid=f"row={i} k={k}"))
+            ax.plot(x, i, ls="none", marker=marker, ms=6, color="white", mec="k", mew=0.5)
+    ax.set_xlim(0.0, 100.0)
+    ax.set_ylim(-0.5, len(rows) - 0.5)
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    percent_axis(ax.xaxis)
+    ax.set_xlabel("parameters kept")
+    right = ax.twinx()
+    right.set_ylim(ax.get_ylim())
+    right.set_yticks(range(len(rows)), [f"{row.unpruned:.2g}" for row in rows], fontsize=7)
+    right.set_ylabel("unpruned test loss", fontsize=8)
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseDiagram:
+    """The rows of both panels of the phase diagram: by_noise (one PhaseRow per σ, one K),
+    by_size (one per K, one σ), and the study they were made from (`phase_study`'s base)."""
+    by_noise: list
+    by_size: list
+    base: study.Study
+
+
+def phase_diagram(noises=PHASE_NOISES, student_h_sizes=PHASE_SIZES, student_h_size=6,
+                  noise_for_sizes=0.0, edge_points=100, base=None):
+    """PhaseDiagram: phase_row(σ, student_h_size) for σ in noises and
+    phase_row(noise_for_sizes, K) for K in student_h_sizes, from `base` (default the paper's
+    study). About 6 s for the defaults (22 ODEs to α = 1600, K up to 12)."""
+    base = base or study.preset("paper")
+    return PhaseDiagram([phase_row(s, student_h_size, edge_points, base) for s in noises],
+                        [phase_row(noise_for_sizes, k, edge_points, base)
+                         for k in student_h_sizes], base)
+
+
+def figure_phase_diagram(diagram=None):
+    """Which pruning method has the lowest N → ∞ test loss, from the theory alone (no data,
+    no SGD): x the fraction of parameters kept; y σ (left) and K/M (right); top row without,
+    bottom row with reweighting. diagram: a PhaseDiagram (default `phase_diagram()`, its
+    default settings). Shaded: the best edge method at every fraction kept; outlined cells
+    at k/K: the best of all six at the parameters of k nodes (`phase_diagram_caption`)."""
+    diagram = diagram or phase_diagram()
+    by_noise, by_size = diagram.by_noise, diagram.by_size
+    chosen = phase_study(base=diagram.base)
+    m = chosen.teacher_h_size
+    tall = max(len(by_noise), len(by_size))
+    fig, axes = plt.subplots(2, 2, figsize=(11.5, 2.4 + 0.62 * tall), squeeze=False)
+    for i, rw in enumerate((0, 1)):
+        words = "with reweighting" if rw else "without reweighting"
+        _phase_panel(axes[i, 0], by_noise, [f"{row.noise:g}" for row in by_noise], rw)
+        axes[i, 0].set_ylabel("σ (label noise)")
+        axes[i, 0].set_title(f"K = {by_noise[0].student_h_size}, M = {m}, {words}", fontsize=10)
+        _phase_panel(axes[i, 1], by_size,
+                     [f"{row.student_h_size} ({row.student_h_size / m:g})" for row in by_size],
+                     rw)
+        axes[i, 1].set_ylabel("K (K/M)")
+        axes[i, 1].set_title(f"σ = {by_size[0].noise:g}, M = {m}, {words}", fontsize=10)
+    fig.suptitle(f"Lowest test loss at N → ∞ (theory alone): the training ODEs from a seeded "
+                 f"N = {chosen.input_dim} start to α = {theory_rows.training_alpha(chosen):g}, "
+                 f"v* = {chosen.v_star:g}, η = {chosen.lr:g}", fontsize=10)
+    handles = [(matplotlib.patches.Patch(facecolor=METHOD_STYLE[mth][0], edgecolor="k", lw=0.6),
+                matplotlib.lines.Line2D([], [], ls="none", marker=METHOD_STYLE[mth][1], ms=6,
+                                        color="white", mec="k", mew=0.5))
+               for mth in sweep.ALL_METHODS]
+    labels = list(sweep.ALL_METHODS)
+    for mth in EDGE_METHODS:                       # the shades the background shows
+        if any(mth in row.edge for row in by_noise + by_size):
+            handles.append((matplotlib.patches.Patch(facecolor=METHOD_STYLE[mth][0],
+                                                     alpha=0.3),))
+            labels.append(f"{mth} (shaded)")
+    fig.tight_layout()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0),
+               ncol=len(labels), fontsize=8, frameon=False,
+               handler_map={tuple: HandlerTuple(ndivide=1)},
+               title="outlined cells at k/K: lowest of all six methods at the parameters of k "
+                     "nodes; shaded: lowest edge method at every fraction kept",
+               title_fontsize=8)
+    return fig
+
+
+def phase_counts(diagram):
+    """In words: how many node-budget cells each method wins, without and with reweighting,
+    and which edge methods win somewhere in the background."""
+    rows = diagram.by_noise + diagram.by_size
+    parts = []
+    for rw in (0, 1):
+        won = pd.Series([m for row in rows for m in row.columns[rw].values()]).value_counts()
+        parts.append(f"{'with' if rw else 'without'} reweighting, cells won: "
+                     + ", ".join(f"{m} {won[m]}" for m in sweep.ALL_METHODS if m in won))
+    edge = [m for m in EDGE_METHODS if any(m in row.edge for row in rows)]
+    parts.append("best edge method somewhere in the background: " + ", ".join(edge))
+    return "; ".join(parts)
+
+
+def phase_diagram_caption(diagram):
+    """What the phase diagram shows and how node and edge methods are compared."""
+    chosen = phase_study(base=diagram.base)
+    student_h_size = diagram.by_noise[0].student_h_size
+    noise_for_sizes = diagram.by_size[0].noise
+    return (
+        "Each row is one student (seeded as student 0 of a study: teacher of M = "
+        f"{chosen.teacher_h_size}, start at N = {chosen.input_dim}) trained by the N → ∞ "
+        f"order-parameter ODEs to α = {theory_rows.training_alpha(chosen):g}, then pruned "
+        "in theory (docs/theory.md, 'Pruning at N → ∞'), rows rescaled to norm √N first; no "
+        "data and no SGD. Edge methods keep any fraction f of each node's incoming weights, "
+        "so the shaded background is the edge method of lowest test loss at every fraction "
+        "of parameters kept, (fN + 1)/(N + 1). Node methods exist only at k/K: there the "
+        "outlined cell (colour and marker of the method) compares all six methods at the "
+        "parameters of k nodes, edge methods at the matched e = k(N + 1)/K − 1 weights per "
+        "node rounded, as the study does; between those columns no node method can keep that "
+        "many parameters. At N → ∞ edge reweighting changes nothing, so the background is "
+        "the same in both rows. Left: σ at K = "
+        f"{student_h_size} (every σ shares the teacher and the initial student, only the label "
+        "noise differs). Right: the student's width K/M at σ = "
+        f"{noise_for_sizes:g}: the redundancy of the student's nodes is what node pruning, "
+        "and dpp_node's diversity above all, acts on, and it is the paper's own second axis "
+        "(K = 6 and K = 20); η would only move the student along the same training path "
+        "(faster, with an error floor growing with η σ²). Each K has its own seeded start. "
+        "The right-hand labels are the unpruned student's test loss: a large one (K near M) "
+        "is a student still on the plateau at the end of training.")
 
 
 # ----------------------------------------------------------------------------------------

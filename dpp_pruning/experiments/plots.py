@@ -2,6 +2,7 @@
 import os
 
 import matplotlib
+import numpy as np
 
 if "inline" not in matplotlib.get_backend():     # a notebook keeps its inline figures
     matplotlib.use("Agg")
@@ -49,6 +50,18 @@ def band(ax, xs, mean, half, floor, **style):
     low = [max(m - h, floor) for m, h in zip(mean, half, strict=True)]
     high = [m + h for m, h in zip(mean, half, strict=True)]
     ax.fill_between(xs, low, high, alpha=0.12, lw=0, **style)
+
+
+def error_bars(ax, xs, mean, half, floor, joined=False, **style):
+    """Points at `mean` with error bars mean ± half; where a bar's lower end reaches `floor`
+    or below (on a log axis, zero or less cannot be drawn) it is cut at `floor`, as `band`
+    cuts bands (floor None: not cut). joined: a line joins the points too (where no theory
+    line is drawn). Returns the ErrorbarContainer."""
+    mean = np.asarray(mean, dtype=float)
+    half = np.asarray(half, dtype=float)
+    below = half if floor is None else mean - np.maximum(mean - half, floor)
+    return ax.errorbar(xs, mean, yerr=[below, half], ls="-" if joined else "none", lw=1.0,
+                       ms=5, capsize=2.5, elinewidth=1.0, zorder=3, **style)
 
 
 def heatmap_figure(panels, suptitle=None, vmin=-1.0, vmax=1.0, columns=2):
