@@ -20,7 +20,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from dpp_pruning.experiments import executors  # noqa: E402  (the project root is put on the path first)
+from dpp_pruning.experiments import executors, local_cluster  # noqa: E402  (the root first)
 
 
 def no_op():
@@ -59,7 +59,7 @@ def main():
                 "--students", str(args.students)]
         local_out, dask_out = os.path.join(work, "local"), os.path.join(work, "dask")
         local = time_run(base + ["--jobs", str(args.workers), "--out", local_out], ROOT)
-        with executors.LocalDaskCluster(args.workers, work) as cluster:
+        with local_cluster.LocalDaskCluster(args.workers, work) as cluster:
             remote = time_run(base + ["--scheduler", cluster.address, "--out", dask_out], ROOT)
             dask_unit = per_unit_overhead(executors.DaskPool(cluster.address), args.no_op)
         local_unit = per_unit_overhead(executors.LocalPool(args.workers), args.no_op)

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from dpp_pruning.experiments import executors
+from dpp_pruning.experiments import identity, local_cluster
 from run_folders import assert_same_tables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,13 +53,13 @@ def wait_for_cells(out, count, proc, timeout=300):
 def cluster(tmp_path):
     elsewhere = tmp_path / "cluster"
     elsewhere.mkdir()
-    with executors.LocalDaskCluster(2, str(elsewhere)) as c:
+    with local_cluster.LocalDaskCluster(2, str(elsewhere)) as c:
         yield c
 
 
 def test_the_dask_command_is_found_beside_the_interpreter(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")           # an environment used unactivated
-    assert executors.dask_command() == os.path.join(BIN, "dask")
+    assert local_cluster.dask_command() == os.path.join(BIN, "dask")
 
 
 def recipe():
@@ -76,7 +76,7 @@ def test_the_docs_recipe_run_as_written_from_other_folders(tmp_path, local_run):
     own, none of them the checkout, and no PYTHONPATH: the installed project is imported."""
     install, scheduler, worker, run = recipe()
     assert install.endswith("make install")
-    port, dashboard = executors.free_port(), executors.free_port()
+    port, dashboard = local_cluster.free_port(), local_cluster.free_port()
 
     def filled(line):
         return (line.replace("HOST", "127.0.0.1").replace("8786", str(port))
@@ -154,7 +154,7 @@ def test_a_lost_scheduler_is_one_line_and_the_resume_is_byte_identical(tmp_path,
     elsewhere = tmp_path / "cluster"
     elsewhere.mkdir()
     out = tmp_path / "run"
-    with executors.LocalDaskCluster(2, str(elsewhere)) as c:
+    with local_cluster.LocalDaskCluster(2, str(elsewhere)) as c:
         proc = start_client([*SMOKE, "--out", str(out), "--scheduler", c.address], tmp_path)
         wait_for_cells(out, 48, proc)                          # half of the 96 cells
         c.kill_scheduler()
@@ -165,7 +165,7 @@ def test_a_lost_scheduler_is_one_line_and_the_resume_is_byte_identical(tmp_path,
                      r"done and kept in (\S+); start the scheduler and its workers again and "
                      r"run the same command to resume$", line)
     assert done and 0 < int(done.group(1)) < 104 and done.group(2) == str(out), line
-    with executors.LocalDaskCluster(2, str(elsewhere)) as c:
+    with local_cluster.LocalDaskCluster(2, str(elsewhere)) as c:
         resumed = client([*SMOKE, "--out", str(out), "--scheduler", c.address], tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     kept = int(re.search(r"(\d+) already done", resumed.stdout).group(1))
@@ -191,16 +191,17 @@ sweep.run_cell = run_cell
 '''
 
 
-def test_a_unit_that_kills_its_workers_is_named_and_the_rest_kept(tmp_path, local_run):
+def test_a_unit_that_kills_its_workers_is_named_and_the_rest_kept(tmp_path):
     """A unit whose worker dies each time it runs it (its nanny restarts the worker): after
     the scheduler's allowed failures (2 here: three deaths) the run stops in one line naming
-    the unit, and a resume on sound workers completes the same tables as a local run."""
+    the unit, and the units finished by then are kept (the resume of a stopped run is the
+    lost scheduler's test)."""
     elsewhere = tmp_path / "cluster"
     elsewhere.mkdir()
     (elsewhere / "killer.py").write_text(KILLER)
     unit = "sigma0_K6_dpp_node_k3"
     out = tmp_path / "run"
-    with executors.LocalDaskCluster(
+    with local_cluster.LocalDaskCluster(
             0, str(elsewhere),
             scheduler_env={"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "2"}) as c:
         c.add_workers(2, nanny=True, preload=str(elsewhere / "killer.py"),
@@ -215,16 +216,12 @@ def test_a_unit_that_kills_its_workers_is_named_and_the_rest_kept(tmp_path, loca
                     "already done are kept: give each worker more memory (docs/studies.md) and "
                     "run the same command to resume"), line
     assert not (out / "student_0" / "cells" / f"{unit}.npz").exists()
-    with executors.LocalDaskCluster(2, str(elsewhere)) as c:
-        resumed = client(["--preset", "smoke", "--out", str(out), "--scheduler", c.address],
-                         tmp_path)
-    assert resumed.returncode == 0, resumed.stderr
-    assert_same_tables(out, local_run("--preset", "smoke"))
+    assert list((out / "student_0" / "cells").glob("*.npz"))          # the others are kept
 
 
 def copy_of_the_project(to):
     """A copy of the project's source (what a worker imports) and studies/."""
-    for rel in executors.source_files(ROOT):
+    for rel in identity.source_files(ROOT):
         os.makedirs(os.path.dirname(os.path.join(to, rel)), exist_ok=True)
         shutil.copy(os.path.join(ROOT, rel), os.path.join(to, rel))
     shutil.copytree(os.path.join(ROOT, "studies"), os.path.join(to, "studies"))
@@ -242,8 +239,8 @@ def test_workers_that_would_write_other_bytes_are_refused(tmp_path):
     elsewhere.mkdir()
     out = tmp_path / "run"
     args = [*SMOKE, "--out", str(out)]
-    with executors.LocalDaskCluster(1, str(elsewhere)) as c:
-        c.add_workers(1, env=executors.project_env(str(copy)))
+    with local_cluster.LocalDaskCluster(1, str(elsewhere)) as c:
+        c.add_workers(1, env=local_cluster.project_env(str(copy)))
         other_code = client([*args, "--scheduler", c.address], tmp_path)
         c.stop_worker(c.workers[-1])
         c.add_workers(1, env={"MKL_CBWR": "COMPATIBLE"})
@@ -274,11 +271,11 @@ def test_a_scheduler_that_cannot_import_the_project_is_refused(tmp_path):
     (bare / "start.py").write_text(
         f"import sys\nsys.path[:0] = {packages!r}\n"
         "from distributed.cli.dask_scheduler import main\nmain()\n")
-    port = executors.free_port()
+    port = local_cluster.free_port()
     address = f"tcp://127.0.0.1:{port}"
     scheduler = subprocess.Popen(
         [sys.executable, "-S", "start.py", "--host", "127.0.0.1", "--port", str(port),
-         "--dashboard-address", f"127.0.0.1:{executors.free_port()}"], cwd=bare,
+         "--dashboard-address", f"127.0.0.1:{local_cluster.free_port()}"], cwd=bare,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     out = tmp_path / "run"
     try:
@@ -310,7 +307,7 @@ def test_a_worker_that_does_not_see_the_run_folder_is_refused(tmp_path):
     elsewhere.mkdir()
     private = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
                'mount -t tmpfs none "$0" && exec "$@"', str(runs)]
-    with executors.LocalDaskCluster(1, str(elsewhere)) as c:
+    with local_cluster.LocalDaskCluster(1, str(elsewhere)) as c:
         c.add_workers(1, prefix=private)
         refused = client([*SMOKE, "--out", str(out), "--scheduler", c.address], tmp_path)
     assert refused.returncode == 2
@@ -323,7 +320,7 @@ def test_a_worker_that_does_not_see_the_run_folder_is_refused(tmp_path):
 
 def test_an_unreachable_scheduler_is_one_line_and_status_2(tmp_path):
     out = tmp_path / "run"
-    address = f"tcp://127.0.0.1:{executors.free_port()}"
+    address = f"tcp://127.0.0.1:{local_cluster.free_port()}"
     refused = client(["--preset", "smoke", "--out", str(out), "--scheduler", address], tmp_path)
     assert refused.returncode == 2
     assert f"no Dask scheduler answered at {address}" in one_error_line(refused.stderr)

@@ -17,23 +17,14 @@ folder (a token file written here and read there), with memory for one unit's da
 import collections
 import concurrent.futures
 import contextlib
-import functools
-import hashlib
-import importlib.metadata
 import logging
 import multiprocessing
 import os
 import secrets
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import threading
-import time
 
-from dpp_pruning import ROOT
 from dpp_pruning.base import cli
+from dpp_pruning.experiments import identity
 
 _UNIT_LOCK = threading.Lock()   # a Dask worker with several threads still runs one unit at a time
 
@@ -164,113 +155,6 @@ class SchedulerUnreachable(ConnectionError):
     """No Dask scheduler answered at the address given."""
 
 
-# ----------------------------------------------------------------------------------------
-# What a process runs, as the Dask check compares it
-
-def source_files(root=ROOT):
-    """The project's source as a worker imports it: every module at the root (models.py,
-    dpp_sample_ts.py, the scripts) and every module of the dpp_pruning package, as paths
-    relative to `root`, sorted."""
-    found = [name for name in os.listdir(root) if name.endswith(".py")]
-    for folder, _, names in os.walk(os.path.join(root, "dpp_pruning")):
-        found += [os.path.relpath(os.path.join(folder, n), root) for n in names
-                  if n.endswith(".py")]
-    return sorted(found)
-
-
-def source_hash(root=ROOT):
-    """SHA-256 (16 hex digits) of the project's source files, names and contents."""
-    digest = hashlib.sha256()
-    for rel in source_files(root):
-        with open(os.path.join(root, rel), "rb") as f:
-            digest.update(rel.encode() + b"\0" + f.read() + b"\0")
-    return digest.hexdigest()[:16]
-
-
-LIBRARIES = ("torch", "numpy", "scipy", "numba", "dppy", "threadpoolctl")
-
-
-def library_versions():
-    return {name: importlib.metadata.version(name) for name in LIBRARIES}
-
-
-@functools.lru_cache(maxsize=1)
-def numeric_probe():
-    """A hash of a tiny study's numbers, computed on one thread as units are: a teacher data
-    set (labels and Gram matrix), a trained student (the numba SGD kernel), a dpp_edge
-    kernel's eigendecomposition (LAPACK) and the batched test losses and hidden activations
-    of pruned students (torch's float32 products). Two processes that disagree here would
-    write other bytes for the same unit (another CPU type or math library)."""
-    def compute():
-        import numpy as np
-
-        from dpp_pruning.base.data import generate_teacher
-        from dpp_pruning.pipeline import workflow
-        from dpp_sample_ts import edge_kernel, eig_kernel
-        teacher = generate_teacher(24, 2, 4096, sig_w=0.25, seed=7)
-        student = workflow.train(teacher, 3, seed=7)
-        w1 = student.w1.weight.detach().double().numpy()                   # (3, 24)
-        w2 = student.w2.weight.detach().double().numpy().ravel()
-        eigvals, eigvecs = eig_kernel(edge_kernel(w1[0], teacher.gram.numpy()))
-        masks = np.random.default_rng(7).random((4,) + w1.shape) < 0.5     # (4, 3, 24)
-        losses = workflow.test_weights(teacher, w1 * masks, np.tile(w2, (4, 1)))
-        digest = hashlib.sha256()
-        for array in (teacher.labels.numpy(), teacher.gram.numpy(), w1, eigvals,
-                      np.abs(eigvecs), losses, workflow.test_activations(teacher, student)):
-            digest.update(np.ascontiguousarray(array).tobytes())
-        return digest.hexdigest()[:16]
-    return one_thread(compute)
-
-
-def code_identity():
-    """The code this process imports: host, project root, source hash, library versions
-    (what a Dask scheduler needs to agree on: it unpickles the units' task graphs)."""
-    return dict(host=socket.gethostname(), root=ROOT, code=source_hash(),
-                versions=library_versions())
-
-
-def identity(folder=None, token=None):
-    """What this process runs units with, before any computation: `code_identity`, the
-    memory available, and whether it reads `token` from `folder`'s token file (None: not
-    asked). `numeric_probe` is asked apart, once the code is known to be the same."""
-    found = dict(code_identity(), memory=cli.available_memory())
-    if folder is not None:
-        try:
-            with open(os.path.join(folder, TOKEN_FILE)) as f:
-                found["sees_folder"] = f.read() == token
-        except OSError:
-            found["sees_folder"] = False
-    return found
-
-
-TOKEN_FILE = ".worker_check"
-
-
-def compare_identity(who, theirs, ours):
-    """The one-line problem of a process whose identity differs from this client's, or None."""
-    if theirs["code"] != ours["code"]:
-        return (f"{who} runs other code than this client (the project at {theirs['root']} on "
-                f"{theirs['host']} hashes to {theirs['code']}, this checkout to {ours['code']}):"
-                " install the same checkout on every node (pip install -e .)")
-    differ = [f"{name} {theirs['versions'][name]} (here {version})"
-              for name, version in ours["versions"].items()
-              if theirs["versions"].get(name) != version]
-    if differ:
-        return (f"{who} on {theirs['host']} has other libraries than this client: "
-                f"{', '.join(differ)}; install requirements.txt in every node's environment")
-    return None
-
-
-def compare_numbers(who, host, theirs, ours):
-    """The one-line problem of a worker whose numerical probe differs from this client's."""
-    if theirs != ours:
-        return (f"{who} on {host} computes other bits than this client for the same "
-                "numbers (another CPU type or math library), so its units would not be the "
-                "bytes of a local run: use nodes of this machine's kind, or set "
-                "MKL_CBWR=COMPATIBLE for the client and every worker (docs/reproducibility.md)")
-    return None
-
-
 class DaskPool:
     """Runs submitted work on the workers of a running Dask distributed scheduler.
 
@@ -311,24 +195,25 @@ class DaskPool:
         """Refuse (WorkerProblem, one line) unless the scheduler and every worker import this
         checkout's code with the same libraries and bits, every worker sees `out`, and each
         host has memory for one data set per worker process on it."""
-        ours = code_identity()
+        ours = identity.code_identity()
         try:
-            scheduler = self._client.run_on_scheduler(code_identity)
+            scheduler = self._client.run_on_scheduler(identity.code_identity)
         except Exception as e:      # noqa: BLE001 - whatever the scheduler failed with
             raise WorkerProblem(f"the Dask scheduler at {self.address} cannot run this "
                                 f"checkout's code ({_one_line(e)}); start it in this "
                                 "checkout's environment after `pip install -e .`, and again "
                                 "after the code changes (docs/studies.md)") from None
-        problem = compare_identity(f"the Dask scheduler at {self.address}", scheduler, ours)
+        problem = identity.compare_identity(f"the Dask scheduler at {self.address}", scheduler,
+                                            ours)
         if problem:
             raise WorkerProblem(problem)
         from dpp_pruning.base.storage import atomic_open
         token = secrets.token_hex(16)
-        path = os.path.join(out, TOKEN_FILE)
+        path = os.path.join(out, identity.TOKEN_FILE)
         with atomic_open(path, "w") as f:
             f.write(token)
         try:
-            found = self._client.run(identity, out, token, on_error="return")
+            found = self._client.run(identity.identity, out, token, on_error="return")
         finally:
             with contextlib.suppress(OSError):
                 os.remove(path)
@@ -343,7 +228,7 @@ class DaskPool:
                                     f"({_one_line(theirs)}); start the workers in this "
                                     "checkout's environment after `pip install -e .`, and again "
                                     "after the code changes (docs/studies.md)")
-            problem = compare_identity(who, theirs, ours)
+            problem = identity.compare_identity(who, theirs, ours)
             if problem:
                 raise WorkerProblem(problem)
             if not theirs["sees_folder"]:
@@ -351,13 +236,14 @@ class DaskPool:
                                     f"{out}: put it on a file system that every worker mounts "
                                     "at the same path")
             hosts[theirs["host"]].append(theirs["memory"])
-        probes = self._client.run(numeric_probe, on_error="return")
+        probes = self._client.run(identity.numeric_probe, on_error="return")
         for worker, probe in sorted(probes.items()):
             who = f"Dask worker {worker}"
             if isinstance(probe, BaseException):
                 raise WorkerProblem(f"{who} failed to compute the numerical probe "
                                     f"({_one_line(probe)})")
-            problem = compare_numbers(who, found[worker]["host"], probe, numeric_probe())
+            problem = identity.compare_numbers(who, found[worker]["host"], probe,
+                                               identity.numeric_probe())
             if problem:
                 raise WorkerProblem(problem)
         for host, memory in hosts.items():
@@ -415,115 +301,3 @@ def executor(jobs=1, scheduler=None):
     if scheduler:
         return DaskPool(scheduler)
     return Serial() if jobs == 1 else LocalPool(jobs)
-
-
-def project_env(root=ROOT):
-    """PYTHONPATH with the project at `root` first on the import path (for a worker on
-    another copy of the project: LocalDaskCluster's worker_env)."""
-    return dict(PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-
-
-def dask_command():
-    """The `dask` command line of this interpreter's environment (beside it, also when the
-    environment is used without being activated), else the one on PATH."""
-    beside = os.path.join(os.path.dirname(sys.executable), "dask")
-    found = beside if os.access(beside, os.X_OK) else shutil.which("dask")
-    if found is None:
-        raise FileNotFoundError("the dask command line is not installed (requirements.txt)")
-    return found
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LocalDaskCluster:
-    """A Dask scheduler and `workers` worker processes on 127.0.0.1, started from the `dask`
-    command line as docs/studies.md starts them on a real cluster: in `folder` (not the
-    checkout), with the environment of this process (the project importable because it is
-    installed, `pip install -e .`), one thread each. `close` stops them all. For tests and
-    benchmarks.
-
-    nanny=False (default): a killed worker stays dead; nanny=True: its nanny restarts it.
-    worker_env: extra environment of the workers (e.g. project_env(copy) for a worker on
-    another copy of the project); scheduler_env likewise; preload: a module file each worker
-    runs at start (`dask worker --preload`); prefix: a command the workers are started
-    through (e.g. in a mount namespace of their own)."""
-
-    def __init__(self, workers, folder, timeout=60, nanny=False, worker_env=None,
-                 scheduler_env=None, preload=None):
-        self._dask = dask_command()
-        self.folder = folder
-        self.port = free_port()
-        self.address = f"tcp://127.0.0.1:{self.port}"
-        self.procs = []
-        self.workers = []
-        # held open for the processes' output while the cluster runs; closed by close()
-        self._log = open(os.path.join(folder, "dask_cluster.log"), "a")  # noqa: SIM115
-        self.scheduler = self._start(
-            [self._dask, "scheduler", "--host", "127.0.0.1", "--port", str(self.port),
-             "--dashboard-address", f"127.0.0.1:{free_port()}", "--idle-timeout", "600"],
-            scheduler_env)
-        try:
-            self.add_workers(workers, timeout, nanny, worker_env, preload)
-        except BaseException:
-            self.close()
-            raise
-
-    def add_workers(self, count, timeout=60, nanny=False, env=None, preload=None, prefix=()):
-        """Start `count` more worker processes and wait until the scheduler sees them."""
-        command = [*prefix, self._dask, "worker", self.address, "--host", "127.0.0.1", "--nthreads",
-                   "1", "--nworkers", "1", "--no-dashboard", "--memory-limit", "0",
-                   "--death-timeout", "60", "--lifetime", "900", "--local-directory",
-                   self.folder, "--nanny" if nanny else "--no-nanny"]
-        if preload:
-            command += ["--preload", preload]
-        self.workers += [self._start(command, env) for _ in range(count)]
-        self._wait_for(sum(proc.poll() is None for proc in self.workers), timeout)
-
-    def _start(self, command, env=None):
-        proc = subprocess.Popen(command, cwd=self.folder, env=dict(os.environ, **(env or {})),
-                                stdout=self._log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        self.procs.append(proc)
-        return proc
-
-    def _wait_for(self, workers, timeout):
-        from distributed import Client
-        deadline = time.monotonic() + timeout
-        with Client(self.address, timeout=timeout, set_as_default=False) as client:
-            while len(client.scheduler_info()["workers"]) < workers:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{workers} Dask workers did not start in {timeout} s")
-                time.sleep(0.2)
-
-    def stop_worker(self, proc):
-        """Stop one worker process (SIGTERM) and wait for it."""
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-
-    def kill_scheduler(self):
-        os.killpg(self.scheduler.pid, signal.SIGKILL)
-        self.scheduler.wait()
-
-    def close(self):
-        for proc in self.procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        self._log.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
