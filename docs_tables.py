@@ -159,8 +159,11 @@ def build_finite_size(folder, record):
     matplotlib.use("Agg")
     from dpp_pruning.experiments import finite_size
     tables = {}
-    for name in ("finite_size", "finite_size_slopes"):
+    for name in ("finite_size", "finite_size_slopes", "finite_size_weights"):
         path = os.path.join(folder, f"{name}.csv")
+        if not os.path.isfile(path) and name == "finite_size_weights":
+            tables[name] = []
+            continue
         if not os.path.isfile(path):
             raise cli.UserError(f"{folder} is a finite-size study's folder without {name}.csv; "
                                 "run reproduce.py on its study again")
@@ -170,7 +173,8 @@ def build_finite_size(folder, record):
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
     return {"finite_size.md": finite_size.markdown(tables["finite_size"],
-                                                   tables["finite_size_slopes"], record)
+                                                   tables["finite_size_slopes"], record,
+                                                   tables["finite_size_weights"])
             + "\n![gaps against N](finite_size_gaps.png)\n",
             "finite_size_gaps.png": png.getvalue()}
 

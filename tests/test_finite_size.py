@@ -82,3 +82,12 @@ def test_a_slope_needs_two_sizes_and_no_zero_gap():
     assert math.isnan(finite_size.slope([100], [0.1]))
     assert math.isnan(finite_size.slope([100, 400], [0.1, 0.0]))
     assert finite_size.slope([100, 400], [-0.1, -0.05]) == pytest.approx(-0.5)
+
+
+def test_excess_kurtosis_of_gaussian_uniform_and_heavy_tailed_rows():
+    rng = np.random.default_rng(0)
+    n = 200_000
+    rows = np.stack([rng.normal(size=n), rng.uniform(-1, 1, size=n), rng.laplace(size=n)])
+    found = finite_size.excess_kurtosis(rows)
+    assert abs(found[0]) < 4 * math.sqrt(24 / n)
+    assert found[1] == pytest.approx(-1.2, abs=0.03) and found[2] == pytest.approx(3.0, abs=0.2)

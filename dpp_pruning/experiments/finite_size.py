@@ -19,9 +19,14 @@ together). The slope in N is the least-squares slope of log rms gap against log 
 sizes (−1/2 for a gap of order 1/√N, −1 for 1/N); a slope near 0 means the gap does not
 shrink with N: finite N is not its cause.
 
-write(out, study) writes finite_size.csv (one row per size and setting) and
-finite_size_slopes.csv (one row per setting) into <out>; docs_tables.py turns them into a
-page and a figure.
+The theory assumes each node's incoming weights Gaussian across inputs; finite_size_weights.csv
+measures that assumption in the trained students themselves: the excess kurtosis of each
+node's rescaled weights (0 for a Gaussian, ±√(24/N) from sampling alone), per size and
+noise level.
+
+write(out, study) writes finite_size.csv (one row per size and setting),
+finite_size_slopes.csv (one row per setting) and finite_size_weights.csv into <out>;
+docs_tables.py turns them into a page and a figure.
 """
 import csv
 import math
@@ -36,6 +41,8 @@ GAP_COLUMNS = ("input_dim", "noise", "method", "reweighting", "nodes_equivalent"
                "fraction_kept", "students", "simulated", "theory_trained", "theory",
                "gap", "gap_ci", "gap_rms", "pruning_gap", "pruning_gap_ci", "pruning_gap_rms",
                "training_gap", "training_gap_ci", "training_gap_rms")
+WEIGHT_COLUMNS = ("input_dim", "noise", "students", "kurtosis_mean", "kurtosis_rms",
+                  "kurtosis_max", "kurtosis_sampling_sd")
 SLOPE_COLUMNS = ("noise", "method", "reweighting", "nodes_equivalent", "sizes", "gap_first",
                  "gap_last", "slope", "pruning_slope", "training_slope")
 PARTS = (("gap", "total"), ("pruning_gap", "pruning"), ("training_gap", "training"))
@@ -139,9 +146,46 @@ def slope_rows(rows):
     return out
 
 
+def excess_kurtosis(w1):
+    """(K,) excess kurtosis of each row of w1 (K, N) across its N entries (0 for Gaussian)."""
+    w1 = np.asarray(w1, dtype=np.float64)
+    z = (w1 - w1.mean(axis=1, keepdims=True)) / w1.std(axis=1, keepdims=True)
+    return (z ** 4).mean(axis=1) - 3.0
+
+
+def weight_rows(out, study):
+    """One row per size and noise level (WEIGHT_COLUMNS): the mean, root mean square and
+    largest over students and nodes of the excess kurtosis of the trained students' rows
+    (every panel's student; rescaling does not change it), and the standard deviation
+    √(24/N) that sampling N Gaussian weights alone gives it."""
+    from dpp_pruning.base.storage import load_state_dict
+    from dpp_pruning.experiments import sweep
+    rows = []
+    for size in studies.sizes(study):
+        folder = size_folder(out, size.input_dim)
+        for noise in size.noise_levels:
+            values, students = [], set()
+            for dataset in sweep.datasets(size):
+                if dataset.noise != noise:
+                    continue
+                for panel in sweep.panels_of(size, dataset):
+                    path = sweep.student_path(folder, dataset, panel.student_h_size)
+                    if os.path.exists(path):
+                        values += list(excess_kurtosis(load_state_dict(path)["w1.weight"]))
+                        students.add(dataset.student)
+            if values:
+                rows.append(dict(input_dim=size.input_dim, noise=noise, students=len(students),
+                                 kurtosis_mean=float(np.mean(values)),
+                                 kurtosis_rms=float(np.sqrt(np.mean(np.square(values)))),
+                                 kurtosis_max=float(np.max(values)),
+                                 kurtosis_sampling_sd=math.sqrt(24 / size.input_dim)))
+    return rows
+
+
 def write(out, study):
-    """Write finite_size.csv and finite_size_slopes.csv of a finite-size study's folders,
-    and the family's study record (study.json, for docs_tables.py)."""
+    """Write finite_size.csv, finite_size_slopes.csv and finite_size_weights.csv of a
+    finite-size study's folders, and the family's study record (study.json, for
+    docs_tables.py)."""
     import json
 
     from dpp_pruning.base.storage import atomic_open
@@ -149,6 +193,8 @@ def write(out, study):
     rows = gap_rows(out, study.input_dims)
     write_csv(os.path.join(out, "finite_size.csv"), GAP_COLUMNS, rows)
     write_csv(os.path.join(out, "finite_size_slopes.csv"), SLOPE_COLUMNS, slope_rows(rows))
+    write_csv(os.path.join(out, "finite_size_weights.csv"), WEIGHT_COLUMNS,
+              weight_rows(out, study))
     with atomic_open(os.path.join(out, studies.RECORD), "w") as f:
         json.dump(studies.record(study), f, indent=1)
     return rows
@@ -166,9 +212,9 @@ def _slope(value):
     return "" if not math.isfinite(value) else f"{value:+.2f}"
 
 
-def markdown(rows, slopes, record):
-    """The finite-size page: what is compared, the slopes of every setting, and the gaps at
-    every size at the middle budget."""
+def markdown(rows, slopes, record, weights=()):
+    """The finite-size page: what is compared, the slopes of every setting, the gaps at every
+    size at the middle budget, and the trained weights' excess kurtosis."""
     sizes = sorted({r["input_dim"] for r in rows})
     lines = ["# Finite size: the simulation against the N → ∞ theory", "",
              f"From study '{record['name']}': N = {', '.join(map(str, sizes))} at P = "
@@ -209,6 +255,16 @@ def markdown(rows, slopes, record):
     for (noise, method, rw), by_size in sorted(cells.items()):
         lines.append(f"| {noise:g} | {method} | {rw} | "
                      + " | ".join(by_size.get(n, "") for n in sizes) + " |")
+    if weights:
+        lines += ["", "## The trained weights", "",
+                  "Excess kurtosis of each trained node's incoming weights across the N inputs "
+                  "(0 for Gaussian weights; N Gaussian draws alone give it a standard deviation "
+                  "of √(24/N)): mean, root mean square and largest over students and nodes.", "",
+                  "| N | σ | students | mean | rms | largest | √(24/N) |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['input_dim']} | {r['noise']:g} | {r['students']} | "
+                  f"{r['kurtosis_mean']:+.3f} | {r['kurtosis_rms']:.3f} | "
+                  f"{r['kurtosis_max']:.3f} | {r['kurtosis_sampling_sd']:.3f} |" for r in weights]
     return "\n".join(lines) + "\n"
 
 
