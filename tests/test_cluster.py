@@ -49,12 +49,26 @@ def wait_for_cells(out, count, proc, timeout=300):
         time.sleep(0.05)
 
 
-@pytest.fixture
-def cluster(tmp_path):
-    elsewhere = tmp_path / "cluster"
-    elsewhere.mkdir()
-    with local_cluster.LocalDaskCluster(2, str(elsewhere)) as c:
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """A scheduler and two workers for the tests that need no cluster of their own."""
+    with local_cluster.LocalDaskCluster(2, str(tmp_path_factory.mktemp("cluster"))) as c:
         yield c
+
+
+@pytest.fixture
+def cluster(shared):
+    """The shared cluster, given back to the next test as it was: two sound workers (those a
+    test added are stopped, those it killed are replaced)."""
+    before = list(shared.workers)
+    yield shared
+    for proc in shared.workers:
+        if proc not in before and proc.poll() is None:
+            shared.stop_worker(proc)
+    alive = [proc for proc in before if proc.poll() is None]
+    shared.workers = alive
+    if len(alive) < len(before):
+        shared.add_workers(len(before) - len(alive))
 
 
 def test_the_dask_command_is_found_beside_the_interpreter(monkeypatch):
@@ -228,23 +242,20 @@ def copy_of_the_project(to):
     return to
 
 
-def test_workers_that_would_write_other_bytes_are_refused(tmp_path):
+def test_workers_that_would_write_other_bytes_are_refused(cluster, tmp_path):
     """A worker on a modified copy of the project, then a worker whose math library takes
     another code path (MKL_CBWR=COMPATIBLE, which changes the rounding of torch's products):
     each is named in one line, and no unit is sent."""
     copy = copy_of_the_project(tmp_path / "copy")
     with open(copy / "models.py", "a") as f:
         f.write("\n# a local change\n")
-    elsewhere = tmp_path / "cluster"
-    elsewhere.mkdir()
     out = tmp_path / "run"
-    args = [*SMOKE, "--out", str(out)]
-    with local_cluster.LocalDaskCluster(1, str(elsewhere)) as c:
-        c.add_workers(1, env=local_cluster.project_env(str(copy)))
-        other_code = client([*args, "--scheduler", c.address], tmp_path)
-        c.stop_worker(c.workers[-1])
-        c.add_workers(1, env={"MKL_CBWR": "COMPATIBLE"})
-        other_bits = client([*args, "--scheduler", c.address], tmp_path)
+    args = [*SMOKE, "--out", str(out), "--scheduler", cluster.address]
+    cluster.add_workers(1, env=local_cluster.project_env(str(copy)))
+    other_code = client(args, tmp_path)
+    cluster.stop_worker(cluster.workers[-1])
+    cluster.add_workers(1, env={"MKL_CBWR": "COMPATIBLE"})
+    other_bits = client(args, tmp_path)
     assert other_code.returncode == 2 and other_bits.returncode == 2
     assert re.fullmatch(
         r"reproduce\.py: error: Dask worker tcp://127\.0\.0\.1:\d+ runs other code than this "
@@ -296,20 +307,17 @@ def test_a_scheduler_that_cannot_import_the_project_is_refused(tmp_path):
     assert not out.exists()
 
 
-def test_a_worker_that_does_not_see_the_run_folder_is_refused(tmp_path):
+def test_a_worker_that_does_not_see_the_run_folder_is_refused(cluster, tmp_path):
     """A worker in a mount namespace of its own, where the run folder's parent is an empty
     file system (as on a node that does not mount the shared one), cannot read the client's
     token file: it is named, and no unit is sent."""
     runs = tmp_path / "runs"
     runs.mkdir()
     out = runs / "run"
-    elsewhere = tmp_path / "cluster"
-    elsewhere.mkdir()
     private = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
                'mount -t tmpfs none "$0" && exec "$@"', str(runs)]
-    with local_cluster.LocalDaskCluster(1, str(elsewhere)) as c:
-        c.add_workers(1, prefix=private)
-        refused = client([*SMOKE, "--out", str(out), "--scheduler", c.address], tmp_path)
+    cluster.add_workers(1, prefix=private)
+    refused = client([*SMOKE, "--out", str(out), "--scheduler", cluster.address], tmp_path)
     assert refused.returncode == 2
     line = one_error_line(refused.stderr)
     assert re.fullmatch(rf"reproduce\.py: error: Dask worker tcp://127\.0\.0\.1:\d+ on \S+ does "
