@@ -56,12 +56,14 @@ def test_the_gram_matrix_through_dsyrk_is_the_float64_product(teacher):
 
 
 def test_the_hidden_gram_of_a_stream_is_workflow_hidden_gram(teacher):
-    student = workflow.train(teacher, K, seed=5)
+    students = {K: workflow.train(teacher, K, seed=5), K + 2: workflow.train(teacher, K + 2,
+                                                                             seed=6)}
     grams = sweep.hidden_grams(TeacherStream(N, M, P, sig_w=0.3, seed=11, num_test=3000),
-                               student)
-    for rescale, pruned in ((1, workflow.rescaled(student)), (0, student)):
-        assert np.allclose(grams[rescale], workflow.hidden_gram(teacher, pruned), rtol=1e-12,
-                           atol=0)
+                               students)                      # both students in one pass
+    for size, student in students.items():
+        for rescale, pruned in ((1, workflow.rescaled(student)), (0, student)):
+            assert np.allclose(grams[size][rescale], workflow.hidden_gram(teacher, pruned),
+                               rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("method", ["dpp_node", "random_node", "importance_node"])

@@ -440,29 +440,34 @@ def _make_data(stream, gram, rows):
     return StudyData(stream.w1, stream.w2, gram.mean(rows), x, y, stream.settings)
 
 
-def hidden_grams(stream, student):
-    """{rescale: H (K, K)}: H = AᵀA / P, A = g(X Wᵀ / √N) the hidden activations of the
-    student (a models.Student) on the stream's training inputs, summed in float64 over one
-    pass: with its rows rescaled to norm √N as pruning stores them (workflow.rescaled) for
-    rescale 1, as trained for 0 (workflow.hidden_gram of each, chunk by chunk)."""
-    g = activation(student.nonlinearity)
-    weights = {rescale: pruned.w1.weight.detach().double()
-               for rescale, pruned in ((1, workflow.rescaled(student)), (0, student))}
-    size, n = weights[0].shape
-    sums = {rescale: torch.zeros(size, size, dtype=torch.float64) for rescale in weights}
+def hidden_grams(stream, students):
+    """{K: {rescale: H (K, K)}}: H = AᵀA / P, A = g(X Wᵀ / √N) the hidden activations of each
+    student of `students` ({K: models.Student}) on the stream's training inputs, all in one
+    pass, summed in float64: with the student's rows rescaled to norm √N as pruning stores
+    them (workflow.rescaled) for rescale 1, as trained for 0 (workflow.hidden_gram of each,
+    chunk by chunk)."""
+    weights, sums = {}, {}
+    for size, student in students.items():
+        for rescale, pruned in ((1, workflow.rescaled(student)), (0, student)):
+            weights[size, rescale] = (activation(student.nonlinearity),
+                                      pruned.w1.weight.detach().double())
+            sums[size, rescale] = torch.zeros(size, size, dtype=torch.float64)
     for x, _ in stream.chunks():
         x64 = x.double()
-        for rescale, w in weights.items():
-            a = g(x64 @ w.T / math.sqrt(n))
-            sums[rescale] += a.T @ a
-    return {rescale: (total / stream.num_data).numpy() for rescale, total in sums.items()}
+        for key, (g, w) in weights.items():
+            a = g(x64 @ w.T / math.sqrt(w.shape[1]))
+            sums[key] += a.T @ a
+    found = {size: {} for size in students}
+    for (size, rescale), total in sums.items():
+        found[size][rescale] = (total / stream.num_data).numpy()
+    return found
 
 
 def prepare_dataset(study, out, dataset):
     """Make (or reuse) a data set's data.npz, the trained student of each of its panels and
     their hidden Gram matrices, in as few passes over the streamed training samples as
     possible (one per epoch, all students trained side by side chunk by chunk, then one for
-    the hidden Gram matrices); record their seeds (seeds.json lists every student the folder
+    all their hidden Gram matrices); record their seeds (seeds.json lists every student the folder
     holds for this data set, also those of panels added later). Returns log lines. Raises
     RunFolderError for data of other settings, TrainingDiverged for a training that
     diverged."""
@@ -515,12 +520,12 @@ def prepare_dataset(study, out, dataset):
     for size, (w1, w2) in train.items():
         student = student_from_weights(w1, w2, study.nonlinearity, study.mode)
         save_state_dict(student.state_dict(), student_path(out, dataset, size))
-    for panel in panels_of(study, dataset):
-        path = hidden_path(out, dataset, panel.student_h_size)
-        if panel.student_h_size in train or not usable(path, HIDDEN_ARRAYS):
-            grams = hidden_grams(stream, _trained(study, out, dataset, panel.student_h_size))
-            with atomic_open(path) as f:
-                np.savez(f, **{name: grams[int(name[-1])] for name in HIDDEN_ARRAYS})
+    missing = {p.student_h_size: _trained(study, out, dataset, p.student_h_size)
+               for p in panels_of(study, dataset) if p.student_h_size in train
+               or not usable(hidden_path(out, dataset, p.student_h_size), HIDDEN_ARRAYS)}
+    for size, grams in hidden_grams(stream, missing).items() if missing else ():
+        with atomic_open(hidden_path(out, dataset, size)) as f:
+            np.savez(f, **{name: grams[int(name[-1])] for name in HIDDEN_ARRAYS})
     _record_seeds(os.path.join(folder, "seeds.json"), seeds)
     return lines
 
