@@ -73,7 +73,8 @@ def test_node_masks_tested_on_activations_equal_testing_every_masked_network(tea
     student = workflow.rescaled(workflow.train(teacher, K, seed=5))
     _, masks = workflow.prune(teacher, student, method, 2, 12, seed=3, rescale=False)
     weights, outs = workflow.apply_masks(teacher, student, masks, method, reweighting)
-    slow = workflow.test_weights(teacher, weights, outs)                 # every network
+    slow = training.test_loss(weights, outs, teacher.test_inputs, teacher.test_labels,
+                              dtype=torch.float32)                       # every network
     keep = np.stack(masks).any(axis=1)
     fast = workflow.loss_of_outputs(workflow.test_activations(teacher, student),
                                     teacher.test_labels, outs * keep)
@@ -81,6 +82,18 @@ def test_node_masks_tested_on_activations_equal_testing_every_masked_network(tea
     repeated = {}
     for row, loss in zip(map(tuple, outs * keep), fast, strict=True):   # a repeated mask:
         assert repeated.setdefault(row, loss) == loss                    # one loss
+
+
+def test_networks_that_repeat_are_tested_once_with_the_same_loss(teacher):
+    student = workflow.rescaled(workflow.train(teacher, K, seed=5))
+    _, masks = workflow.prune(teacher, student, "importance_edge", 9, 6, seed=3, rescale=False)
+    _, other = workflow.prune(teacher, student, "random_edge", 9, 3, seed=3, rescale=False)
+    weights, outs = workflow.apply_masks(teacher, student, masks + other, "random_edge")
+    fast = workflow.test_weights(teacher, weights, outs)
+    slow = training.test_loss(weights, outs, teacher.test_inputs, teacher.test_labels,
+                              dtype=torch.float32)
+    assert np.allclose(fast, slow, rtol=1e-6, atol=0)
+    assert len(set(fast[:6])) == 1 and len(set(fast[6:])) == 3
 
 
 def test_a_cells_rounds_tested_in_one_batch_equal_round_by_round(teacher):

@@ -145,10 +145,17 @@ def test_masks(teacher, student, masks, choice, reweighting=False, hgram=None, d
 
 def test_weights(teacher, weights, outs, nonlinearity="sigmoid", device="cpu"):
     """Test loss (B,) of B networks weights (B, K, N), outs (B, K) on the teacher's test set,
-    in one batch (float32 matmuls, float64 sums)."""
-    return np.asarray(training.test_loss(weights, outs, teacher.test_inputs,
-                                         teacher.test_labels, nonlinearity,
-                                         dtype=torch.float32, device=device))
+    in one batch (float32 matmuls, float64 sums); networks that repeat (importance_edge
+    draws one mask, every time) are tested once and get the same loss."""
+    weights, outs = np.asarray(weights), np.asarray(outs)
+    flat = np.concatenate([weights.reshape(len(weights), -1), outs.reshape(len(outs), -1)],
+                          axis=1)
+    _, first, inverse = np.unique(flat, axis=0, return_index=True, return_inverse=True)
+    order = np.argsort(first)                   # the distinct networks in their first order
+    losses = training.test_loss(weights[first[order]], outs[first[order]],
+                                teacher.test_inputs, teacher.test_labels, nonlinearity,
+                                dtype=torch.float32, device=device)
+    return np.asarray(losses)[np.argsort(order)][inverse.ravel()]
 
 
 def test_activations(teacher, student):
