@@ -175,15 +175,17 @@ def test_a_lost_scheduler_is_one_line_and_the_resume_is_byte_identical(tmp_path,
         _, err = proc.communicate(timeout=180)
     assert proc.returncode == 2
     line = one_error_line(err)
-    done = re.search(r"lost the Dask scheduler at tcp://127\.0\.0\.1:\d+ .*: (\d+) of 104 units "
+    done = re.search(r"lost the Dask scheduler at tcp://127\.0\.0\.1:\d+ .*: (\d+) of (\d+) units "
                      r"done and kept in (\S+); start the scheduler and its workers again and "
                      r"run the same command to resume$", line)
-    assert done and 0 < int(done.group(1)) < 104 and done.group(2) == str(out), line
+    total = 96 + 8 + 8                             # cells, expectation groups, theory units
+    assert done and 0 < int(done.group(1)) < total == int(done.group(2)), line
+    assert done.group(3) == str(out), line
     with local_cluster.LocalDaskCluster(2, str(elsewhere)) as c:
         resumed = client([*SMOKE, "--out", str(out), "--scheduler", c.address], tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     kept = int(re.search(r"(\d+) already done", resumed.stdout).group(1))
-    assert int(done.group(1)) <= kept < 104
+    assert int(done.group(1)) <= kept < total
     assert_same_tables(out, local_run(*SMOKE))
 
 
@@ -230,7 +232,7 @@ def test_a_unit_that_kills_its_workers_is_named_and_the_rest_kept(tmp_path):
                     "already done are kept: give each worker more memory (docs/studies.md) and "
                     "run the same command to resume"), line
     assert not (out / "student_0" / "cells" / f"{unit}.npz").exists()
-    assert list((out / "student_0" / "cells").glob("*.npz"))          # the others are kept
+    assert list(out.glob("student_0/theory/*.npz"))      # the units done before are kept
 
 
 def copy_of_the_project(to):
