@@ -383,7 +383,7 @@ def test_the_smoke_study_through_dask_jobqueue(tmp_path, local_run):
             assert time.monotonic() < deadline, done.stderr
             time.sleep(1)
     finally:
-        os.killpg(holder.pid, signal.SIGTERM)
+        os.killpg(holder.pid, signal.SIGKILL)        # the cluster, its scheduler and its jobs
         holder.wait(timeout=30)
     assert done.returncode == 0, done.stderr
     assert_same_tables(out, local_run(*SMOKE))
