@@ -177,19 +177,25 @@ def reference_kdpp_draws(L, k, num, seed=None):
     return out, failures
 
 
-def reference_choose_eigvecs(keep_prob, u):
-    """keep_prob (k, r) from dpp_sample_ts.eigvec_keep_probabilities, u (r,) uniform
-    -> (k,) chosen columns: walk m = r-1..0, keep m when u[m] < keep_prob[left - 1, m]."""
-    k, r = keep_prob.shape
-    chosen = np.empty(k, dtype=np.int64)
+def reference_choose_eigvecs(eigvals, k, u):
+    """eigvals (r,) > 0, u (r,) uniform -> (k,) chosen eigenvectors, ascending. Walks
+    m = r-1..0 with l still to choose and keeps m when u[m] < λ_m e_{l-1}(λ_0..λ_{m-1}) /
+    e_l(λ_0..λ_m), the elementary symmetric polynomials e by the plain recursion
+    e_l(λ_0..λ_m) = e_l(λ_0..λ_{m-1}) + λ_m e_{l-1}(λ_0..λ_{m-1}) (no logarithms: small r)."""
+    r = len(eigvals)
+    e = np.zeros((k + 1, r + 1))                       # e[l, m] = e_l(λ_0..λ_{m-1})
+    e[0] = 1.0
+    for m in range(1, r + 1):
+        e[1:, m] = e[1:, m - 1] + eigvals[m - 1] * e[:-1, m - 1]
+    chosen = []
     left = k
     for m in range(r - 1, -1, -1):
         if left == 0:
             break
-        if u[m] < keep_prob[left - 1, m]:
+        if u[m] < eigvals[m] * e[left - 1, m] / e[left, m + 1]:
+            chosen.append(m)
             left -= 1
-            chosen[left] = m
-    return chosen
+    return np.array(chosen[::-1], dtype=np.int64)
 
 
 @numba.njit(cache=True, fastmath={"reassoc", "contract"})
@@ -249,9 +255,9 @@ def reference_kdpp_sample_many(kdpp, k, num, rng):
     out = np.empty((num, k), dtype=np.int64)
     if k == 0:
         return out
-    keep_prob = kdpp._keep_probabilities(k)                                 # (k, r)
+    eigvals = kdpp.eigvals[support]                                         # (r,)
     for b in range(num):
-        chosen = support[reference_choose_eigvecs(keep_prob, rng.random(support.size))]
+        chosen = support[reference_choose_eigvecs(eigvals, k, rng.random(support.size))]
         if 2 * k <= n:
             V = np.ascontiguousarray(kdpp.eigvecs[:, chosen])               # (n, k)
             out[b] = np.sort(reference_projection_dpp(V, rng.random(k)))
