@@ -248,9 +248,12 @@ def profile_units(root, scale):
     from dpp_pruning.base.storage import atomic_open
     from dpp_pruning.experiments import claims, run_tables, sweep
     from dpp_pruning.experiments import study as studies
-    from dpp_pruning.pipeline import workflow
+    if os.path.exists(os.path.join(root, "dpp_pruning", "pipeline", "workflow.py")):
+        from dpp_pruning.pipeline import workflow
+    else:                                   # releases before the move keep it in base/
+        from dpp_pruning.base import workflow
 
-    for module in (dpp_pruning, dpp_sample_ts, models):
+    for module in (dpp_pruning, dpp_sample_ts, models, workflow):
         if not os.path.realpath(module.__file__).startswith(os.path.realpath(root) + os.sep):
             raise SystemExit(f"imported {module.__name__} from {module.__file__}, not from {root}")
     package = os.path.dirname(os.path.realpath(dpp_pruning.__file__))
