@@ -328,6 +328,10 @@ def finite_size_findings():
         return low if low == high else f"{low}–{high}"
 
     k_first, k_middle, k_last = (span2(kurtosis_at(n)) for n in (sizes[0], 500, sizes[-1]))
+    gram = table("finite_size", "gram_identity")
+    moved = [max(abs(float(r["relative"])) for r in gram if int(r["input_dim"]) == n)
+             for n in (sizes[0], sizes[-1])]
+    moved = [f"{100 * x:.2g}%" for x in moved]
     return (
         f"At σ = 0.25 the rms gap falls with N in all {len(noisy)} settings (method, budget, "
         f"reweighting): median slope {signed(median)}, {about_root} of the {len(noisy)} "
@@ -342,7 +346,40 @@ def finite_size_findings():
         f"importance_edge (whose mask is exact) moves by at most {100 * refit:.2g}%",
         f"{k_first} at N = {sizes[0]} (sampling alone: {sampling_at(sizes[0])}) to {k_last} at "
         f"N = {sizes[-1]} ({sampling_at(sizes[-1])})",
-        f"at N = 500 ({k_middle} against {sampling_at(500)})")
+        f"at N = 500 ({k_middle} against {sampling_at(500)})",
+        f"differs by at most {moved[0]} at N = {sizes[0]} and {moved[1]} at N = {sizes[-1]}")
+
+
+def markdown_rows(path, first):
+    """The cells of each row of a Markdown table in `path` whose first cell starts `first`."""
+    with open(os.path.join(ROOT, path)) as f:
+        return [[c.strip() for c in line.strip().strip("|").split("|")] for line in f
+                if line.startswith("| " + first)]
+
+
+def grid_benchmark():
+    """docs/speed.md's grid table and profile figures, from the benchmarks' latest reports."""
+    (base,), (this,) = (markdown_rows("benchmarks/grid_results.md", who)
+                        for who in ("baseline", "this"))
+    commit = base[1].split()[0]
+    table = (f"| | previous release ({commit}) | this release | ratio | "
+             f"|---|---|---|---| "
+             f"| wall time | {base[2]} | {this[2]} | {this[7]} | "
+             f"| CPU use | {base[3]} | {this[3]} | | "
+             f"| CPU seconds | {base[4]} | {this[4]} | | "
+             f"| peak memory (one process) | {base[5]} | {this[5]} | | "
+             f"| run folder on disk | {base[6]} | {this[6]} | |")
+
+    def phase(name):
+        (row,) = markdown_rows("benchmarks/profile_results.md", name + " |")
+        return " → ".join(f"{x:.1f} s" if x >= 0.1 else f"{x:.2f} s"
+                          for x in (float(row[1]), float(row[2])))
+    return (table,
+            f"a data set {phase('data set (teacher, 800,000 + 80,000 samples, Gram, 2 students)')}",
+            f"the K = 6 expectation group {phase('expectation group K = 6')} and the K = 20 one "
+            f"{phase('expectation group K = 20')}",
+            f"dpp_edge k = 250 {phase('cell K = 6 dpp_edge k = 250')}",
+            f"importance_edge {phase('cell K = 6 importance_edge k = 250')}")
 
 
 PHRASES = {
@@ -352,6 +389,7 @@ PHRASES = {
                        theory_against_expected),
     "README.md": (width_at_zero_noise,),
     "docs/theory.md": (finite_size_findings,),
+    "docs/speed.md": (grid_benchmark,),
     "docs/variants.md": (unpruned_as_trained_and_rescaled, rescaling_lowers_losses,
                          k20_larger_teacher),
 }
