@@ -92,7 +92,7 @@ def load_run(out=None, preset=None):
     command = f"python3 {os.path.join(ROOT, 'reproduce.py')} --preset {preset} --out {out}"
     if asked and preset != "smoke":
         raise NoResults(f"{out} holds no results.csv: run `{command}` first (the paper "
-                        "preset with --students 5 --jobs 2 takes about 11 minutes on two "
+                        "preset with --students 5 --jobs 2 takes about 7 minutes on two "
                         "cores), or set REPRO_PRESET=smoke")
     if not asked:
         note = (f"no results in {out}, so the smoke preset (N = 20, seconds) was run instead; "
