@@ -135,13 +135,21 @@ def theory_against_expected():
     reweighted_edges = sum(e["claim"] in ("reweighting lowers random_edge",
                                           "reweighting lowers importance_edge",
                                           "reweighting lowers dpp_edge") for e, _ in moved)
+    others = [(e, t) for e, t in moved if "importance_node" not in e["claim"]
+              and e["claim"] not in ("reweighting lowers random_edge",
+                                     "reweighting lowers importance_edge",
+                                     "reweighting lowers dpp_edge")]
+    far = max(others, key=lambda p: abs(float(p[0]["relative"]) - float(p[1]["relative"])))
+    apart = abs(float(far[0]["relative"]) - float(far[1]["relative"]))
+    far = " and ".join(f"{100 * float(r['relative']):.1f}%".replace("-", "−") for r in far)
     return (f"{len(pairs) - len(moved)} of the {len(pairs)} verdicts are those of the expected "
             f"losses. None of the other {len(moved)} turns a holds into a fails or back: each "
             f"moves between a verdict and \"not resolved\", and the two mean differences have the "
             f"same sign wherever either exceeds 0.1% and the theory's is not exactly zero. "
             f"{importance} of them compare "
             f"importance_node", f"{['No', 'One', 'Two', 'Three'][reweighted_edges]} are edge "
-            "reweighting")
+            "reweighting", f"The other {len(others)} have mean differences within "
+            f"{100 * apart:.1f} percentage points of each other ({far} at the farthest)")
 
 
 def nodes_phrase(nodes):
