@@ -17,7 +17,7 @@ def root():
 @pytest.fixture(scope="session")
 def local_run(tmp_path_factory):
     """local_run(*args) -> the folder of a clean local `reproduce.py *args --jobs 1` run in
-    this process, made once per test session: the reference every other way of running the
+    this process, made once per pytest run: the reference every other way of running the
     same study (a Dask cluster, a folder grown or resumed) must equal byte for byte."""
     import reproduce
     made = {}
