@@ -22,11 +22,11 @@ def page(name):
         return " ".join(f.read().split())                   # line breaks do not matter
 
 
-def claims(run, claim, size, teacher=2, rescale=1, nodes=None, noise=None):
-    """The rows judged on the expected losses of one claim at K = size (and M, rescaling, the
-    node budgets and noise levels given)."""
+def claims(run, claim, size=None, teacher=2, rescale=1, nodes=None, noise=None):
+    """The rows judged on the expected losses of one claim at K = size (every K if None; and
+    M, rescaling, the node budgets and noise levels given)."""
     return [r for r in table(run, "claims") if r["judged_on"] == "expected"
-            and r["claim"] == claim and int(r["student_h_size"]) == size
+            and r["claim"] == claim and (size is None or int(r["student_h_size"]) == size)
             and int(r["teacher_h_size"]) == teacher and int(r["rescale"]) == rescale
             and (nodes is None or int(r["nodes_equivalent"]) in nodes)
             and (noise is None or float(r["noise"]) == noise)]
@@ -41,6 +41,24 @@ def span(rows, sign=-1):
 
 def verdicts(rows):
     return {r["verdict"].split(" at ")[0] for r in rows}
+
+
+SETTING = ("claim", "noise", "student_h_size", "teacher_h_size", "rescale", "nodes_equivalent")
+
+
+def side_by_side(rows, over):
+    """{setting less `over`: {row[over]: row}}: claims.csv's rows of each setting side by side
+    along one column (judged_on, rescale)."""
+    found = {}
+    for r in rows:
+        found.setdefault(tuple(r[k] for k in SETTING if k != over), {})[r[over]] = r
+    return found
+
+
+def never_reversed(a, b):
+    """Two verdicts of one setting: never 'holds' against 'fails'."""
+    word = {"holds": 1, "fails": -1}
+    assert word.get(a["verdict"], 0) * word.get(b["verdict"], 0) >= 0, (a, b)
 
 
 def students_agreeing(rows):
@@ -118,17 +136,12 @@ def specialisation():
 
 def theory_against_expected():
     """How many verdicts the N → ∞ theory changes, and that none turns holds into fails."""
-    found = {}
-    for r in table("paper", "claims"):
-        key = tuple(r[k] for k in ("claim", "noise", "student_h_size", "teacher_h_size",
-                                   "rescale", "nodes_equivalent"))
-        found.setdefault(key, {})[r["judged_on"]] = r
-    pairs = [(d["expected"], d["theory"]) for d in found.values()
+    pairs = [(d["expected"], d["theory"])
+             for d in side_by_side(table("paper", "claims"), "judged_on").values()
              if {"expected", "theory"} <= set(d)]
-    word = {"holds": 1, "fails": -1}
     moved = [(e, t) for e, t in pairs if e["verdict"] != t["verdict"]]
     for e, t in moved:
-        assert word.get(e["verdict"], 0) * word.get(t["verdict"], 0) >= 0     # never reversed
+        never_reversed(e, t)
         a, b = float(e["relative"]), float(t["relative"])
         assert a * b > 0 or max(abs(a), abs(b)) < 1e-3 or b == 0.0
     importance = sum("importance_node" in e["claim"] for e, _ in moved)
@@ -200,8 +213,7 @@ def wins_and_losses(rows, by="student_h_size"):
 def width_at_zero_noise():
     """The student-width study's answer at σ = 0, as README.md gives it."""
     def rows(claim):
-        return [r for r in table("student_width", "claims") if r["judged_on"] == "expected"
-                and r["claim"] == claim and float(r["noise"]) == 0.0]
+        return claims("student_width", claim, noise=0.0)
     return (f"against random node pruning DPP {wins_and_losses(rows('dpp_node below random_node'))}"
             f". With reweighting it "
             f"{wins_and_losses(rows('dpp_node below random_node, reweighted'))}. Against "
@@ -253,16 +265,10 @@ def rescaling_lowers_losses():
                              for n, c in sorted(rises.items()))
             text = f"up to {round(max(lower))}% for {method} (which rises by {rising})"
         parts.append(text)
-    word = {"holds": 1, "fails": -1}
-    judged = {}
-    for r in table("paper", "claims"):
-        if r["judged_on"] == "expected":
-            key = tuple(r[k] for k in ("claim", "noise", "student_h_size", "teacher_h_size",
-                                       "nodes_equivalent"))
-            judged.setdefault(key, {})[int(r["rescale"])] = r["verdict"].split(" at ")[0]
-    for verdict in judged.values():
-        if len(verdict) == 2:
-            assert word.get(verdict[0], 0) * word.get(verdict[1], 0) >= 0
+    expected = [r for r in table("paper", "claims") if r["judged_on"] == "expected"]
+    for both in side_by_side(expected, "rescale").values():
+        if len(both) == 2:
+            never_reversed(both["0"], both["1"])
     beats = claims("paper", "dpp_node below random_node", 6, rescale=0, noise=0.0)
     holds = [r for r in beats if r["verdict"] == "holds"]
     return ("by " + ", ".join(parts[:-1]) + " and " + parts[-1],

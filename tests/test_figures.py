@@ -55,6 +55,17 @@ def panels(run):
     return [(noise, p) for p in run.preset.panels for noise in run.preset.noise_levels]
 
 
+def panels_drawn(run, reweighting):
+    """(noise, panel, theory lines, point sets) of each panel of figure 1 (drawn), the figure
+    closed once the caller is done with it."""
+    fig = figures.figure_loss_vs_budget(run, reweighting)
+    try:
+        for ax, (noise, panel) in zip(fig.axes, panels(run), strict=True):
+            yield (noise, panel, *drawn(ax))
+    finally:
+        plt.close(fig)
+
+
 def shown(table, noise, panel, method, reweighting):
     return table[(table.rescale == 1) & (table.noise == noise) & (table.method == method)
                  & (table.student_h_size == panel.student_h_size)
@@ -65,9 +76,7 @@ def shown(table, noise, panel, method, reweighting):
 def test_each_method_is_one_theory_line_and_one_set_of_points_in_its_colour(smoke_run,
                                                                             reweighting):
     results = pd.read_csv(os.path.join(smoke_run.out, "results.csv"))
-    fig = figures.figure_loss_vs_budget(smoke_run, reweighting)
-    for ax, (noise, panel) in zip(fig.axes, panels(smoke_run), strict=True):
-        lines, points = drawn(ax)
+    for noise, panel, lines, points in panels_drawn(smoke_run, reweighting):
         assert sorted(lines) == sorted(points) == sorted(panel.methods)
         for method in panel.methods:
             (line,), (bars,) = lines[method], points[method]
@@ -84,16 +93,13 @@ def test_each_method_is_one_theory_line_and_one_set_of_points_in_its_colour(smok
             assert len(errors.get_segments()) == len(means)
             np.testing.assert_allclose(np.sort(data.get_ydata()), np.sort(means.to_numpy()),
                                        rtol=1e-12)
-    plt.close(fig)
 
 
 @pytest.mark.parametrize("reweighting", [0, 1])
 def test_theory_lines_pass_through_the_mean_over_students_of_theory_csv(smoke_run,
                                                                         reweighting):
     theory = pd.read_csv(os.path.join(smoke_run.out, "theory.csv"))
-    fig = figures.figure_loss_vs_budget(smoke_run, reweighting)
-    for ax, (noise, panel) in zip(fig.axes, panels(smoke_run), strict=True):
-        lines, _ = drawn(ax)
+    for noise, panel, lines, _ in panels_drawn(smoke_run, reweighting):
         for method in panel.methods:
             xs, ys = (np.asarray(a, dtype=float) for a in lines[method][0].get_data())
             means = shown(theory, noise, panel, method, reweighting) \
@@ -107,7 +113,6 @@ def test_theory_lines_pass_through_the_mean_over_students_of_theory_csv(smoke_ru
                 assert len(xs) > 10 * len(means) and np.all(np.diff(xs) > 0)
             else:                                       # whole node counts only
                 assert len(xs) == len(means)
-    plt.close(fig)
 
 
 def test_figure_two_lines_sit_at_whole_node_counts(smoke_run):
